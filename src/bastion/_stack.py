@@ -1,0 +1,271 @@
+"""Assembles bastion's middleware, routes, handlers and lifespan onto an app."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from starlette.applications import Starlette
+
+from bastion.backends import import_optional, redact_url
+from bastion.data import Database, MigrationTree, Migrator
+from bastion.errors import (
+    PROBLEM_SCHEMA,
+    ConfigurationError,
+    ErrorCode,
+    problem_responses,
+    set_problem_type_base,
+)
+from bastion.lifecycle import Lifecycle
+from bastion.observability import (
+    AccessLogger,
+    HealthRegistry,
+    RequestMiddleware,
+    configure_logging,
+    install_exception_handlers,
+)
+from bastion.settings import Settings, load_settings
+
+__all__ = ["Bastion", "create_app", "install"]
+
+logger = structlog.get_logger("bastion")
+
+# Start-up runs low priorities first, shutdown high first: the pool opens before
+# migrations run and closes after everything that might still use it.
+PRIORITY_POOLS = 10
+PRIORITY_MIGRATIONS = 20
+
+
+@dataclass(slots=True)
+class Bastion:
+    """What :func:`install` put on an app; also stored as ``app.state.bastion``.
+
+    Attributes:
+        settings: the effective settings.
+        lifecycle: hooks, phase and in-flight count.
+        health: the readiness registry; add checks with ``health.register``.
+        database: the shared database, or ``None`` when ``database.enabled`` is off.
+        redis: the shared ``redis.asyncio.Redis`` client, or ``None`` when not configured.
+        migrator: runs bastion's and the app's migration trees.
+    """
+
+    settings: Settings
+    lifecycle: Lifecycle
+    health: HealthRegistry
+    database: Database | None
+    redis: Any
+    migrator: Migrator | None
+    access_log: AccessLogger | None
+
+
+def install(app: Starlette, *, settings: Settings | None = None, **overrides: Any) -> Bastion:
+    """Make a Starlette or FastAPI app production-ready.
+
+    Adds the request context and ``X-Request-Id``, RFC 9457 errors for every
+    failure, JSON logs with an access line per request, ``/health/live`` and
+    ``/health/ready``, the shared database, start-up migrations and graceful
+    shutdown.
+
+    Example:
+        >>> app = FastAPI()
+        >>> bastion.install(app, logging={"level": "DEBUG"})
+
+    Args:
+        app: the application; must not have started serving yet.
+        settings: a settings tree; built from the environment when omitted.
+        overrides: settings by section, over the environment and ``bastion.toml``.
+
+    Returns:
+        The installed runtime, also at ``app.state.bastion``.
+
+    Raises:
+        ConfigurationError: a setting is invalid, or bastion is already installed.
+    """
+    if getattr(app.state, "bastion", None) is not None:
+        raise ConfigurationError("bastion.install() was already called on this app")
+    if settings is None:
+        settings = load_settings(**overrides)
+    elif overrides:
+        raise ConfigurationError("pass either settings= or keyword overrides, not both")
+
+    set_problem_type_base(settings.http.problem_type_base)
+    access_log = configure_logging(settings.logging) if settings.logging.enabled else None
+    lifecycle = Lifecycle()
+    health = HealthRegistry(
+        lifecycle,
+        default_timeout=settings.health.check_timeout,
+        allowed_networks=settings.health.allowed_networks,
+        token=settings.health.token.get_secret_value() if settings.health.token else None,
+    )
+
+    database = _install_database(settings, lifecycle, health)
+    redis = _install_redis(settings, lifecycle, health)
+    migrator = _install_migrations(settings, lifecycle, database)
+
+    runtime = Bastion(settings, lifecycle, health, database, redis, migrator, access_log)
+    app.state.bastion = runtime
+
+    if settings.health.enabled:
+        # Inserted first so an app's catch-all route cannot shadow the probes.
+        app.router.routes[0:0] = health.routes(settings.health.path_prefix)
+    install_exception_handlers(app)
+    app.add_middleware(
+        RequestMiddleware,
+        lifecycle=lifecycle,
+        access_log=access_log if settings.logging.access_log else None,
+        operational_prefixes=(settings.health.path_prefix.rstrip("/") + "/", "/metrics"),
+    )
+    app.router.lifespan_context = _wrap_lifespan(app.router.lifespan_context, lifecycle)
+    _document_errors(app)
+    return runtime
+
+
+def create_app(*, settings: Settings | None = None, **overrides: Any) -> Starlette:
+    """Return a new FastAPI app with bastion installed.
+
+    Example:
+        >>> app = bastion.create_app(database={"url": "postgresql+asyncpg://db/app"})
+
+    Args:
+        settings: a settings tree; built from the environment when omitted.
+        overrides: settings by section, over the environment and ``bastion.toml``.
+    """
+    from fastapi import FastAPI  # noqa: PLC0415 -- only this entry point needs FastAPI
+
+    app = FastAPI()
+    install(app, settings=settings, **overrides)
+    return app
+
+
+def _install_database(
+    settings: Settings, lifecycle: Lifecycle, health: HealthRegistry
+) -> Database | None:
+    if not settings.database.enabled:
+        return None
+    database = Database(settings.database)
+    health.register("database", database.ping)
+
+    async def log_database() -> None:
+        logger.info("database configured", url=database.display_url, kind=database.kind.value)
+
+    lifecycle.on_startup("database", log_database, priority=PRIORITY_POOLS)
+    lifecycle.on_shutdown("close database pool", database.aclose, priority=PRIORITY_POOLS)
+    return database
+
+
+def _install_redis(settings: Settings, lifecycle: Lifecycle, health: HealthRegistry) -> Any:
+    if not settings.redis.enabled or settings.redis.url is None:
+        return None
+    redis_asyncio: Any = import_optional("redis.asyncio")
+    url = settings.redis.url.get_secret_value()
+    client = redis_asyncio.from_url(
+        url,
+        socket_timeout=settings.redis.socket_timeout,
+        socket_connect_timeout=settings.redis.socket_timeout,
+    )
+
+    async def ping() -> None:
+        await client.ping()
+
+    async def log_redis() -> None:
+        logger.info("redis configured", url=redact_url(url))
+
+    async def close() -> None:
+        await client.aclose()
+
+    health.register("redis", ping)
+    lifecycle.on_startup("redis", log_redis, priority=PRIORITY_POOLS)
+    lifecycle.on_shutdown("close redis pool", close, priority=PRIORITY_POOLS)
+    return client
+
+
+def _install_migrations(
+    settings: Settings, lifecycle: Lifecycle, database: Database | None
+) -> Migrator | None:
+    if database is None or not settings.migrations.enabled:
+        return None
+    trees = [MigrationTree.bastion()]
+    if settings.migrations.app_tree:
+        trees.append(
+            MigrationTree.from_location(
+                "app", settings.migrations.app_tree, settings.migrations.app_version_table
+            )
+        )
+    migrator = Migrator(database, trees)
+    mode = settings.migration_mode
+    if mode == "off":
+        return migrator
+
+    async def migrate() -> None:
+        if mode == "auto":
+            await migrator.upgrade()
+            return
+        pending = await migrator.pending()
+        named = [f"{tree}:{rev}" for tree, revisions in pending.items() for rev in revisions]
+        if named:
+            raise ConfigurationError(
+                "pending migrations (migrations.mode=check): "
+                + ", ".join(named)
+                + "; run `bastion migrate upgrade`"
+            )
+
+    lifecycle.on_startup(f"migrations ({mode})", migrate, priority=PRIORITY_MIGRATIONS)
+    return migrator
+
+
+LifespanFactory = Callable[[Any], AbstractAsyncContextManager[Any]]
+
+
+def _wrap_lifespan(inner: LifespanFactory, lifecycle: Lifecycle) -> LifespanFactory:
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[Any]:
+        await lifecycle.startup()
+        try:
+            async with inner(app) as state:
+                yield state
+        finally:
+            await lifecycle.shutdown()
+
+    return lifespan
+
+
+_ALWAYS = problem_responses(ErrorCode.INTERNAL)
+_VALIDATION = problem_responses(ErrorCode.INVALID_INPUT)
+
+
+def _document_errors(app: Starlette) -> None:
+    """Make FastAPI's OpenAPI document describe errors as bastion renders them."""
+    original = getattr(app, "openapi", None)
+    if original is None or not hasattr(app, "openapi_schema"):
+        return
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:  # type: ignore[attr-defined] -- FastAPI only, checked above
+            return app.openapi_schema  # type: ignore[attr-defined,no-any-return] -- same
+        schema: dict[str, Any] = original()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components["Problem"] = PROBLEM_SCHEMA
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                responses = operation.setdefault("responses", {})
+                if "422" in responses:
+                    responses["422"] = _merge(responses["422"], _VALIDATION[422])
+                responses.setdefault("500", _ALWAYS[500])
+        app.openapi_schema = schema  # type: ignore[attr-defined] -- FastAPI only
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign] -- FastAPI's documented override
+
+
+def _merge(existing: dict[str, Any], validation: dict[str, Any]) -> dict[str, Any]:
+    codes = sorted({*existing.get("x-error-codes", []), *validation["x-error-codes"]})
+    return {
+        "description": "Error codes: " + ", ".join(codes),
+        "content": validation["content"],
+        "x-error-codes": codes,
+    }

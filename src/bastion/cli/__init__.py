@@ -1,0 +1,5 @@
+"""The bastion command line."""
+
+
+def main() -> None:
+    """Entry point."""

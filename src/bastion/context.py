@@ -1,0 +1,85 @@
+"""The per-request context: request id, trace, tenant, principal, client and route.
+
+One :class:`RequestContext` lives in a contextvar for the duration of each
+request (and, later, each job and consumed message). Logs, errors, metrics,
+traces and audit read it instead of passing values down every call.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Final
+
+__all__ = ["RequestContext", "current_context", "is_valid_request_id", "new_request_id"]
+
+# ARCHITECTURE.md: kept when it is 1 to 128 characters of [A-Za-z0-9._:-], so UUIDs,
+# ULIDs and nginx's $request_id pass through unchanged.
+_REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """What is known about the unit of work in progress.
+
+    Mutable on purpose: identity fills in ``tenant_id`` and ``user_id`` after the
+    context is created, and routing fills in ``route``.
+
+    Attributes:
+        request_id: the inbound ``X-Request-Id`` when valid, else a generated one.
+        method: the HTTP method, or ``None`` outside HTTP.
+        client_ip: the peer address as the server saw it.
+        route: the matched route template, such as ``/v1/documents/{id}``.
+        trace_id: the W3C trace id (32 hex digits) when tracing is active.
+        span_id: the current span id (16 hex digits) when tracing is active.
+        tenant_id: the tenant the request acts for, once known.
+        user_id: the authenticated principal, once known.
+    """
+
+    request_id: str
+    method: str | None = None
+    client_ip: str | None = None
+    route: str | None = None
+    trace_id: str | None = None
+    span_id: str | None = None
+    tenant_id: str | None = None
+    user_id: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+_current: Final[contextvars.ContextVar[RequestContext | None]] = contextvars.ContextVar(
+    "bastion_request_context", default=None
+)
+
+
+def current_context() -> RequestContext | None:
+    """Return the context of the request being served, or ``None`` outside one.
+
+    Example:
+        >>> ctx = current_context()
+        >>> ctx.request_id if ctx else None
+    """
+    return _current.get()
+
+
+def is_valid_request_id(raw: bytes) -> bool:
+    """Return whether an inbound ``X-Request-Id`` value may be kept as it is."""
+    return _REQUEST_ID.fullmatch(raw) is not None
+
+
+def new_request_id() -> str:
+    """Return a fresh request id: 32 hex digits, unique without coordination."""
+    # os.urandom + hex is ~4x faster than str(uuid4()) and needs no formatting.
+    return os.urandom(16).hex()
+
+
+def bind(context: RequestContext) -> contextvars.Token[RequestContext | None]:
+    """Make ``context`` current; return the token that restores the previous one."""
+    return _current.set(context)
+
+
+def unbind(token: contextvars.Token[RequestContext | None]) -> None:
+    """Restore the context that was current before :func:`bind`."""
+    _current.reset(token)

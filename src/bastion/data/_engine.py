@@ -1,0 +1,102 @@
+"""The shared SQLAlchemy async engine, its pool, and sessions."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.pool import NullPool
+
+from bastion.backends import BackendKind, backend_kind, import_optional, redact_url
+from bastion.settings import DatabaseSettings
+
+__all__ = ["Database"]
+
+
+class Database:
+    """The engine and session factory every component shares.
+
+    Args:
+        settings: the ``database`` section.
+
+    Example:
+        >>> db = Database(DatabaseSettings(url="sqlite+aiosqlite:///./var/app.db"))
+        >>> async with db.session() as session:
+        ...     await session.execute(text("select 1"))
+        >>> await db.aclose()
+    """
+
+    def __init__(self, settings: DatabaseSettings) -> None:
+        self.settings = settings
+        url = settings.url.get_secret_value()
+        self.kind = backend_kind(url)
+        self.display_url = redact_url(url)
+        self.engine: AsyncEngine = _create_engine(url, settings, self.kind)
+        self.sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(
+            self.engine, expire_on_commit=False
+        )
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        """Yield a session in a transaction: committed on success, rolled back on error."""
+        async with self.sessions() as session, session.begin():
+            yield session
+
+    async def ping(self) -> None:
+        """Run a trivial query; raises when the database cannot be reached."""
+        async with self.engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+
+    async def aclose(self) -> None:
+        """Close every pooled connection."""
+        await self.engine.dispose()
+
+
+def _create_engine(url: str, settings: DatabaseSettings, kind: BackendKind) -> AsyncEngine:
+    options: dict[str, Any] = {"echo": settings.echo, "pool_pre_ping": settings.pool_pre_ping}
+    if kind is BackendKind.SQLITE:
+        _ensure_directory(url)
+        options["connect_args"] = {"timeout": settings.connect_timeout}
+        if ":memory:" in url or url.rstrip("/").endswith("sqlite+aiosqlite:"):
+            # Each pooled connection to :memory: would be a separate empty database.
+            options["poolclass"] = NullPool
+        engine = create_async_engine(url, **options)
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    if kind is BackendKind.POSTGRES:
+        import_optional("asyncpg")
+        options.update(
+            pool_size=settings.pool_size,
+            max_overflow=settings.max_overflow,
+            pool_timeout=settings.pool_timeout,
+            pool_recycle=settings.pool_recycle,
+            connect_args={"timeout": settings.connect_timeout},
+        )
+        return create_async_engine(url, **options)
+    raise ValueError(f"database.url must be SQLite or PostgreSQL, not {kind.value}")
+
+
+def _ensure_directory(url: str) -> None:
+    database = make_url(url).database
+    if database and database != ":memory:":
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets readers proceed during a write; busy_timeout makes a second writer
+    # wait instead of failing at once; SQLite leaves foreign keys off by default.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

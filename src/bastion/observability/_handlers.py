@@ -1,0 +1,91 @@
+"""Exception handlers that render every framework and bastion error as RFC 9457."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from bastion.context import current_context
+from bastion.errors import (
+    PROBLEM_CONTENT_TYPE,
+    BastionError,
+    ErrorCode,
+    FieldError,
+    code_for_status,
+    problem_body,
+    render_problem,
+)
+
+__all__ = ["install_exception_handlers", "problem_response"]
+
+_DEFAULT_DETAIL = {
+    ErrorCode.NOT_FOUND: "No resource exists at this path.",
+    ErrorCode.METHOD_NOT_ALLOWED: "This path does not accept this method; see the Allow header.",
+}
+
+
+def problem_response(
+    body: Mapping[str, Any], status: int, headers: Mapping[str, str] | None = None
+) -> Response:
+    """Return a ``application/problem+json`` response for ``body``."""
+    return Response(
+        render_problem(body), status_code=status, headers=headers, media_type=PROBLEM_CONTENT_TYPE
+    )
+
+
+def _correlation_id() -> str | None:
+    context = current_context()
+    return context.request_id if context else None
+
+
+async def _bastion_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, BastionError)  # noqa: S101 -- registered for this type only
+    return problem_response(exc.problem(_correlation_id()), exc.status, exc.headers)
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)  # noqa: S101 -- registered for this type only
+    code = code_for_status(exc.status_code)
+    detail = exc.detail
+    if not detail or detail == HTTPStatus(exc.status_code).phrase:
+        detail = _DEFAULT_DETAIL.get(code, code.title)
+    body = problem_body(code, detail, _correlation_id(), status=exc.status_code)
+    if exc.status_code in {204, 304}:
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    return problem_response(body, exc.status_code, exc.headers)
+
+
+def _field_errors(errors: Any) -> list[FieldError]:
+    # Pydantic's own error dicts carry the offending input; it is dropped here on
+    # purpose, since it may be a password or personal data.
+    result = []
+    for error in errors:
+        location = ".".join(str(part) for part in error.get("loc", ())) or "body"
+        result.append(FieldError(location, str(error.get("type", "invalid")), str(error["msg"])))
+    return result
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    errors = _field_errors(getattr(exc, "errors", list)())
+    body = problem_body(
+        ErrorCode.INVALID_INPUT, "The request did not pass validation.", _correlation_id()
+    )
+    body["errors"] = [error.as_dict() for error in errors]
+    return problem_response(body, 422)
+
+
+def install_exception_handlers(app: Starlette) -> None:
+    """Register bastion's renderers on a Starlette or FastAPI app."""
+    app.add_exception_handler(BastionError, _bastion_error)
+    app.add_exception_handler(HTTPException, _http_exception)
+    try:
+        from fastapi.exceptions import RequestValidationError  # noqa: PLC0415 -- optional
+    except ImportError:  # pragma: no cover -- fastapi is a dependency today
+        return
+    app.add_exception_handler(RequestValidationError, _validation_error)

@@ -1,0 +1,171 @@
+"""Liveness and readiness probes, and the registry components add their checks to.
+
+``/health/live`` answers 200 while the event loop turns. ``/health/ready`` runs
+every registered check concurrently, each bounded by its timeout, and answers
+200 only when every critical check passes and the process is not shutting down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from bastion.lifecycle import Lifecycle
+from bastion.observability._logging import LogMasker
+
+__all__ = ["HealthCheck", "HealthRegistry"]
+
+CheckFn = Callable[[], Awaitable[object]]
+_ERROR_LIMIT = 200
+_masker = LogMasker()
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """One dependency check.
+
+    Attributes:
+        name: the dependency, as shown in the readiness body (``database``).
+        check: a coroutine function that raises when the dependency is unusable.
+        critical: whether a failure makes the process not ready.
+        timeout: seconds the check may take; ``None`` uses ``health.check_timeout``.
+    """
+
+    name: str
+    check: CheckFn
+    critical: bool = True
+    timeout: float | None = None
+
+
+class HealthRegistry:
+    """The checks readiness runs; components add theirs with :meth:`register`.
+
+    Example:
+        >>> registry.register("search", search_client.ping, critical=False)
+    """
+
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        *,
+        default_timeout: float = 1.0,
+        allowed_networks: Sequence[str] = (),
+        token: str | None = None,
+    ) -> None:
+        self._lifecycle = lifecycle
+        self._checks: dict[str, HealthCheck] = {}
+        self._default_timeout = default_timeout
+        self._networks = [ipaddress.ip_network(net, strict=False) for net in allowed_networks]
+        self._token = token.encode() if token else None
+
+    def register(
+        self, name: str, check: CheckFn, *, critical: bool = True, timeout: float | None = None
+    ) -> None:
+        """Add (or replace) the check named ``name``."""
+        self._checks[name] = HealthCheck(name, check, critical, timeout)
+
+    @property
+    def checks(self) -> tuple[HealthCheck, ...]:
+        """The registered checks, in registration order."""
+        return tuple(self._checks.values())
+
+    async def run(self) -> tuple[bool, dict[str, dict[str, Any]]]:
+        """Run every check concurrently.
+
+        Returns:
+            Whether every critical check passed, and each check's result.
+        """
+        checks = list(self._checks.values())
+        results = await asyncio.gather(*(self._run_one(check) for check in checks))
+        report = dict(zip((check.name for check in checks), results, strict=True))
+        healthy = all(
+            result["status"] == "ok"
+            for check, result in zip(checks, results, strict=True)
+            if check.critical
+        )
+        return healthy, report
+
+    async def _run_one(self, check: HealthCheck) -> dict[str, Any]:
+        timeout = check.timeout if check.timeout is not None else self._default_timeout
+        started = time.perf_counter()
+        error: str | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                await check.check()
+        except TimeoutError:
+            error = f"timed out after {timeout:g}s"
+        except Exception as exc:  # noqa: BLE001 -- any failure is a failed check, not a 500
+            error = _describe(exc)
+        result: dict[str, Any] = {
+            "status": "ok" if error is None else "fail",
+            "critical": check.critical,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+        }
+        if error is not None:
+            result["error"] = error
+        return result
+
+    def allowed(self, request: Request) -> bool:
+        """Return whether the caller may read the probes (allow-list and token)."""
+        if self._networks:
+            host = request.client.host if request.client else None
+            try:
+                address = ipaddress.ip_address(host or "")
+            except ValueError:
+                return False
+            if not any(address in network for network in self._networks):
+                return False
+        if self._token is not None:
+            supplied = request.headers.get("authorization", "").removeprefix("Bearer ").encode()
+            return hmac.compare_digest(supplied, self._token)
+        return True
+
+    async def live(self, request: Request) -> Response:
+        """``GET /health/live``."""
+        if not self.allowed(request):
+            return _json({"status": "forbidden"}, 403)
+        return _json({"status": "ok", "phase": self._lifecycle.phase.value}, 200)
+
+    async def ready(self, request: Request) -> Response:
+        """``GET /health/ready``."""
+        if not self.allowed(request):
+            return _json({"status": "forbidden"}, 403)
+        if not self._lifecycle.accepting:
+            phase = self._lifecycle.phase.value
+            return _json({"status": phase, "phase": phase, "checks": {}}, 503)
+        healthy, report = await self.run()
+        body = {"status": "ok" if healthy else "fail", "phase": "ready", "checks": report}
+        return _json(body, 200 if healthy else 503)
+
+    def routes(self, prefix: str) -> list[Route]:
+        """Return the probe routes, mounted under ``prefix``."""
+        prefix = prefix.rstrip("/")
+        return [
+            Route(f"{prefix}/live", self.live, methods=["GET"], include_in_schema=False),
+            Route(f"{prefix}/ready", self.ready, methods=["GET"], include_in_schema=False),
+        ]
+
+
+def _describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    masked = _masker.mask_value(text)
+    return str(masked)[:_ERROR_LIMIT]
+
+
+def _json(body: dict[str, Any], status: int) -> Response:
+    return Response(
+        orjson.dumps(body),
+        status_code=status,
+        media_type="application/json",
+        headers={"cache-control": "no-store"},
+    )

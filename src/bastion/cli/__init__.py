@@ -1,5 +1,30 @@
-"""The bastion command line."""
+"""The ``bastion`` command line: one module per command group, parsing and printing only."""
+
+from __future__ import annotations
+
+import typer
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="bastion",
+    help="Run, inspect and maintain a bastion service.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register() -> None:
+    # Command groups register themselves on `app`; importing them here keeps the
+    # import graph one-way (groups import `app`, never each other).
+    from bastion.cli import config as _config  # noqa: F401, PLC0415 -- registration
+    from bastion.cli import doctor as _doctor  # noqa: F401, PLC0415 -- registration
+    from bastion.cli import migrate as _migrate  # noqa: F401, PLC0415 -- registration
+    from bastion.cli import serve as _serve  # noqa: F401, PLC0415 -- registration
 
 
 def main() -> None:
-    """Entry point."""
+    """Run the command line."""
+    _register()
+    app()

@@ -1,0 +1,1 @@
+"""Placeholder for the config command group (being written)."""

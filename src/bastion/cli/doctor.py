@@ -1,0 +1,1 @@
+"""Placeholder for the doctor command group (being written)."""

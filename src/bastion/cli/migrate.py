@@ -1,0 +1,1 @@
+"""Placeholder for the migrate command group (being written)."""

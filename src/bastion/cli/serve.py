@@ -1,0 +1,1 @@
+"""Placeholder for the serve command group (being written)."""

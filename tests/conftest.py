@@ -1,0 +1,149 @@
+"""Shared fixtures: real services, the database matrix, and a clean environment.
+
+Services are this machine's own (PostgreSQL 5432, Redis 6379); the
+``BASTION_TEST_*_URL`` variables override them. Each session gets its own
+PostgreSQL database and Redis key prefix, removed at the end.
+
+Outside CI a test whose service is unreachable is skipped and the run ends with
+one line counting those skips by service; with ``CI=true`` it fails instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "BASTION_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("BASTION_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+_unreachable_skips: collections.Counter[str] = collections.Counter()
+_service_errors: dict[str, str] = {}
+
+
+def service_unavailable(service: str, reason: str) -> None:
+    """Fail in CI, skip (and count) elsewhere."""
+    if IN_CI:
+        pytest.fail(f"{service} is required in CI but unreachable: {reason}", pytrace=False)
+    _unreachable_skips[service] += 1
+    pytest.skip(f"{service} unreachable: {reason}")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _unreachable_skips:
+        counts = ", ".join(f"{name}={n}" for name, n in sorted(_unreachable_skips.items()))
+        terminalreporter.write_line(f"skipped because a service was unreachable: {counts}")
+
+
+def _asyncpg_dsn(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+async def _pg_admin(statement: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(_asyncpg_dsn(POSTGRES_ADMIN_URL), timeout=3)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def _postgres_session_url() -> Iterator[str | None]:
+    name = f"bastion_test_{os.getpid()}_{secrets.token_hex(3)}"
+    try:
+        asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # noqa: BLE001 -- any failure means the service is unusable
+        _service_errors["postgres"] = f"{type(exc).__name__}: {exc}"
+        yield None
+        return
+    base, _, _ = POSTGRES_ADMIN_URL.rpartition("/")
+    yield f"{base}/{name}"
+    asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def postgres_url(_postgres_session_url: str | None) -> str:
+    """URL of this session's own PostgreSQL database (asyncpg driver)."""
+    if _postgres_session_url is None:
+        service_unavailable("postgres", _service_errors.get("postgres", "unknown"))
+    assert _postgres_session_url is not None
+    return _postgres_session_url
+
+
+@pytest.fixture(scope="session")
+def _redis_session() -> Iterator[tuple[str, str] | None]:
+    import redis
+
+    prefix = f"bastion-test:{os.getpid()}:{secrets.token_hex(3)}:"
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except Exception as exc:  # noqa: BLE001 -- any failure means the service is unusable
+        _service_errors["redis"] = f"{type(exc).__name__}: {exc}"
+        yield None
+        return
+    yield REDIS_URL, prefix
+    for key in client.scan_iter(match=prefix + "*", count=1000):
+        client.delete(key)
+    client.close()
+
+
+@pytest.fixture
+def redis_url(_redis_session: tuple[str, str] | None) -> str:
+    """URL of the test Redis; use :func:`redis_prefix` for every key you write."""
+    if _redis_session is None:
+        service_unavailable("redis", _service_errors.get("redis", "unknown"))
+    assert _redis_session is not None
+    return _redis_session[0]
+
+
+@pytest.fixture
+def redis_prefix(_redis_session: tuple[str, str] | None) -> str:
+    """A key prefix owned by this test session; keys under it are deleted at the end."""
+    if _redis_session is None:
+        service_unavailable("redis", _service_errors.get("redis", "unknown"))
+    assert _redis_session is not None
+    return _redis_session[1] + secrets.token_hex(3) + ":"
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A fresh SQLite database file for this test."""
+    return f"sqlite+aiosqlite:///{tmp_path / 'bastion.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Runs the test once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'bastion.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """Each test starts with no BASTION_* variables, no bastion.toml, fresh logging."""
+    for name in list(os.environ):
+        if name.startswith("BASTION_") and not name.startswith("BASTION_TEST_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("BASTION_CONFIG_FILE", str(tmp_path / "absent-bastion.toml"))
+    yield
+    structlog.reset_defaults()
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if type(handler).__name__ == "_SinkHandler":
+            root.removeHandler(handler)
+    logging.getLogger("uvicorn.access").disabled = False

@@ -15,7 +15,7 @@ import collections
 import logging
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -31,7 +31,7 @@ _unreachable_skips: collections.Counter[str] = collections.Counter()
 _service_errors: dict[str, str] = {}
 
 
-def service_unavailable(service: str, reason: str) -> None:
+def _service_unavailable(service: str, reason: str) -> None:
     """Fail in CI, skip (and count) elsewhere."""
     if IN_CI:
         pytest.fail(f"{service} is required in CI but unreachable: {reason}", pytrace=False)
@@ -59,6 +59,16 @@ async def _pg_admin(statement: str) -> None:
         await conn.close()
 
 
+@pytest.fixture
+def service_unavailable() -> Callable[[str, str], None]:
+    """Report a service a test needs as unreachable: fails in CI, skips and counts elsewhere.
+
+    A fixture rather than an import: several directories have a conftest.py, so
+    ``from conftest import ...`` would get whichever was imported last.
+    """
+    return _service_unavailable
+
+
 @pytest.fixture(scope="session")
 def _postgres_session_url() -> Iterator[str | None]:
     name = f"bastion_test_{os.getpid()}_{secrets.token_hex(3)}"
@@ -77,7 +87,7 @@ def _postgres_session_url() -> Iterator[str | None]:
 def postgres_url(_postgres_session_url: str | None) -> str:
     """URL of this session's own PostgreSQL database (asyncpg driver)."""
     if _postgres_session_url is None:
-        service_unavailable("postgres", _service_errors.get("postgres", "unknown"))
+        _service_unavailable("postgres", _service_errors.get("postgres", "unknown"))
     assert _postgres_session_url is not None
     return _postgres_session_url
 
@@ -104,7 +114,7 @@ def _redis_session() -> Iterator[tuple[str, str] | None]:
 def redis_url(_redis_session: tuple[str, str] | None) -> str:
     """URL of the test Redis; use :func:`redis_prefix` for every key you write."""
     if _redis_session is None:
-        service_unavailable("redis", _service_errors.get("redis", "unknown"))
+        _service_unavailable("redis", _service_errors.get("redis", "unknown"))
     assert _redis_session is not None
     return _redis_session[0]
 
@@ -113,7 +123,7 @@ def redis_url(_redis_session: tuple[str, str] | None) -> str:
 def redis_prefix(_redis_session: tuple[str, str] | None) -> str:
     """A key prefix owned by this test session; keys under it are deleted at the end."""
     if _redis_session is None:
-        service_unavailable("redis", _service_errors.get("redis", "unknown"))
+        _service_unavailable("redis", _service_errors.get("redis", "unknown"))
     assert _redis_session is not None
     return _redis_session[1] + secrets.token_hex(3) + ":"
 

@@ -222,8 +222,10 @@ LifespanFactory = Callable[[Any], AbstractAsyncContextManager[Any]]
 def _wrap_lifespan(inner: LifespanFactory, lifecycle: Lifecycle) -> LifespanFactory:
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[Any]:
-        await lifecycle.startup()
+        # Start-up inside the try: when a hook fails (a pending migration, say), the
+        # pools that earlier hooks opened are still closed before the error surfaces.
         try:
+            await lifecycle.startup()
             async with inner(app) as state:
                 yield state
         finally:
@@ -238,13 +240,17 @@ _VALIDATION = problem_responses(ErrorCode.INVALID_INPUT)
 
 def _document_errors(app: Starlette) -> None:
     """Make FastAPI's OpenAPI document describe errors as bastion renders them."""
-    original = getattr(app, "openapi", None)
-    if original is None or not hasattr(app, "openapi_schema"):
+    # Typed as Any: ``openapi`` and ``openapi_schema`` exist on FastAPI apps only,
+    # which the check below establishes at run time.
+    fastapi_app: Any = app
+    original = getattr(fastapi_app, "openapi", None)
+    if original is None or not hasattr(fastapi_app, "openapi_schema"):
         return
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema:  # type: ignore[attr-defined] -- FastAPI only, checked above
-            return app.openapi_schema  # type: ignore[attr-defined,no-any-return] -- same
+        cached: dict[str, Any] | None = fastapi_app.openapi_schema
+        if cached:
+            return cached
         schema: dict[str, Any] = original()
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components["Problem"] = PROBLEM_SCHEMA
@@ -256,10 +262,10 @@ def _document_errors(app: Starlette) -> None:
                 if "422" in responses:
                     responses["422"] = _merge(responses["422"], _VALIDATION[422])
                 responses.setdefault("500", _ALWAYS[500])
-        app.openapi_schema = schema  # type: ignore[attr-defined] -- FastAPI only
+        fastapi_app.openapi_schema = schema
         return schema
 
-    app.openapi = openapi  # type: ignore[method-assign] -- FastAPI's documented override
+    fastapi_app.openapi = openapi  # FastAPI's documented way to customise the document
 
 
 def _merge(existing: dict[str, Any], validation: dict[str, Any]) -> dict[str, Any]:

@@ -89,8 +89,10 @@ class ErrorCode(enum.StrEnum):
         """The HTTP status this code is answered with unless an error overrides it."""
         return _STATUS[self]
 
+    # ``title`` is the RFC 9457 member's name, so it shadows ``str.title()`` on
+    # purpose: title-casing an error code has no use.
     @property
-    def title(self) -> str:
+    def title(self) -> str:  # type: ignore[override]
         """A short human-readable summary that does not change between occurrences."""
         return _TITLE.get(self) or HTTPStatus(self.status).phrase
 
@@ -171,7 +173,10 @@ _CODE_BY_STATUS: Final[Mapping[int, ErrorCode]] = {
 
 def code_for_status(status: int) -> ErrorCode:
     """Return the code for an HTTP error status raised by a framework, not by bastion."""
-    return _CODE_BY_STATUS.get(status, ErrorCode.HTTP_ERROR if status < 500 else ErrorCode.INTERNAL)
+    fallback = (
+        ErrorCode.HTTP_ERROR if status < HTTPStatus.INTERNAL_SERVER_ERROR else ErrorCode.INTERNAL
+    )
+    return _CODE_BY_STATUS.get(status, fallback)
 
 
 @dataclass(frozen=True, slots=True)

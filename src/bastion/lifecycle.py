@@ -9,7 +9,6 @@ timeout cut off.
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import time
 from collections.abc import Awaitable, Callable
@@ -57,7 +56,6 @@ class Lifecycle:
     cut_off: int = 0
     _startup: list[Hook] = field(default_factory=list)
     _shutdown: list[Hook] = field(default_factory=list)
-    _idle: asyncio.Event | None = None
 
     def on_startup(self, name: str, fn: HookFn, *, priority: int = 100) -> None:
         """Run ``fn`` at start-up; lower priorities run first."""
@@ -77,23 +75,26 @@ class Lifecycle:
         self.in_flight += 1
 
     def request_finished(self) -> None:
-        """Count a request out, waking a drain waiting for zero."""
+        """Count a request out."""
         self.in_flight -= 1
-        if self.in_flight == 0 and self._idle is not None:
-            self._idle.set()
 
     def request_cut_off(self) -> None:
         """Record a request cancelled by the shutdown timeout."""
         self.cut_off += 1
 
     async def startup(self) -> None:
-        """Run every start-up hook in priority order; a failing hook stops start-up."""
+        """Run every start-up hook in priority order; a failing hook stops start-up.
+
+        Hooks of equal priority run in the order they were registered.
+        """
         for hook in sorted(self._startup, key=lambda h: h.priority):
             started = time.perf_counter()
             await hook.fn()
             logger.info("startup step done", step=hook.name, duration_ms=_ms_since(started))
-        self.phase = Phase.READY
-        logger.info("ready")
+        # A drain that began during start-up (SIGTERM while migrating) must stick.
+        if self.phase is Phase.STARTING:
+            self.phase = Phase.READY
+            logger.info("ready")
 
     def begin_drain(self) -> None:
         """Turn readiness to 503 while the process still serves what it has."""
@@ -101,31 +102,21 @@ class Lifecycle:
             self.phase = Phase.DRAINING
             logger.info("draining: readiness now reports 503", in_flight=self.in_flight)
 
-    async def wait_idle(self, timeout: float) -> bool:
-        """Wait until no request is in flight, at most ``timeout`` seconds.
-
-        Returns:
-            Whether the process became idle in time.
-        """
-        if self.in_flight == 0:
-            return True
-        self._idle = asyncio.Event()
-        try:
-            async with asyncio.timeout(timeout):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        finally:
-            self._idle = None
-        return True
-
     async def shutdown(self) -> None:
-        """Run every shutdown hook, highest priority first; a failing hook does not stop
-        the others, because a half-closed process is worse than a logged error."""
+        """Run every shutdown hook, highest priority first.
+
+        Hooks of equal priority run in reverse registration order, mirroring
+        start-up the way an exit stack does. A failing hook does not stop the
+        others, because a half-closed process is worse than a logged error.
+        """
         self.begin_drain()
         if self.in_flight:
             logger.warning("requests still in flight at shutdown", in_flight=self.in_flight)
-        for hook in sorted(self._shutdown, key=lambda h: h.priority, reverse=True):
+        # Descending priority and, among equals, the last registered first.
+        ordered = sorted(
+            enumerate(self._shutdown), key=lambda pair: (pair[1].priority, pair[0]), reverse=True
+        )
+        for _, hook in ordered:
             started = time.perf_counter()
             try:
                 await hook.fn()

@@ -8,7 +8,12 @@ variables, and keyword arguments. Precedence is decided in one place,
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
+import re
+import tomllib
+import typing
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,9 +24,11 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
+from bastion.backends import BackendKind, backend_kind, redact_url
 from bastion.errors import ConfigurationError
 
 __all__ = [
@@ -58,13 +65,44 @@ def _known_url_scheme(value: str | None) -> str | None:
     return value
 
 
-StoreUrl = Annotated[str | None, AfterValidator(_known_url_scheme)]
+# Not in repr: a store URL may carry a password (redis://:pw@host); redacted() shows it
+# with the password masked.
+StoreUrl = Annotated[str | None, AfterValidator(_known_url_scheme), Field(repr=False)]
 
 
-class SectionSettings(BaseModel):
-    """Base of every section: it can be switched off."""
+def _networks(value: list[str]) -> list[str]:
+    for network in value:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ValueError(f"{network!r} is not an IP network such as 10.0.0.0/8") from None
+    return value
 
+
+def _sql_url(value: SecretStr) -> SecretStr:
+    # The message never quotes the URL: it may carry a password.
+    try:
+        kind = backend_kind(value.get_secret_value())
+    except ConfigurationError:
+        kind = None
+    if kind not in (BackendKind.SQLITE, BackendKind.POSTGRES):
+        raise ValueError(
+            "must be a SQLite or PostgreSQL URL, such as sqlite+aiosqlite:///./var/bastion.db "
+            "or postgresql+asyncpg://user@host:5432/db"
+        )
+    return value
+
+
+def _upper(value: Any) -> Any:
+    return value.upper() if isinstance(value, str) else value
+
+
+class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, use_attribute_docstrings=True)
+
+
+class SectionSettings(_Section):
+    """Base of every component's section: it can be switched off."""
 
     enabled: bool = True
     """Whether the component is active. A switched-off component costs nothing per request."""
@@ -78,15 +116,17 @@ class SharedStateSection(SectionSettings):
 
 
 class HttpSettings(SharedStateSection):
-    """API conventions and the error envelope."""
+    """The error envelope.
+
+    API conventions (headers, CORS, versioning, idempotency) are added by a later
+    issue, which is when ``enabled`` starts to gate them.
+    """
 
     problem_type_base: str = "urn:bastion:problem:"
     """Prefix of every problem ``type`` URI; the code's slug is appended."""
-    max_request_id_length: int = Field(default=128, ge=1, le=128)
-    """Longest inbound ``X-Request-Id`` that is kept (ARCHITECTURE.md fixes 128)."""
 
 
-class ServerSettings(SectionSettings):
+class ServerSettings(_Section):
     """How ``bastion serve`` runs the app and shuts it down."""
 
     app: str = DEFAULT_APP
@@ -111,8 +151,10 @@ class ServerSettings(SectionSettings):
 class LoggingSettings(SectionSettings):
     """Structured logs and the access log."""
 
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
-    """Lowest level written."""
+    level: Annotated[
+        Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(_upper)
+    ] = "INFO"
+    """Lowest level written (any case: ``debug`` is ``DEBUG``)."""
     format: Literal["auto", "json", "console"] = "auto"
     """``auto`` is console on a TTY and one JSON object per line otherwise."""
     access_log: bool = True
@@ -122,11 +164,11 @@ class LoggingSettings(SectionSettings):
 
 
 class MetricsSettings(SectionSettings):
-    """Prometheus metrics (the observability issue fills this section in)."""
+    """Prometheus metrics (a later issue fills this section in)."""
 
 
 class TracingSettings(SectionSettings):
-    """OpenTelemetry tracing (the observability issue fills this section in)."""
+    """OpenTelemetry tracing (a later issue fills this section in)."""
 
 
 class HealthSettings(SectionSettings):
@@ -136,7 +178,7 @@ class HealthSettings(SectionSettings):
     """Where ``live`` and ``ready`` are mounted."""
     check_timeout: Seconds = 1.0
     """Upper bound on each readiness check, in seconds."""
-    allowed_networks: list[str] = Field(default_factory=list)
+    allowed_networks: Annotated[list[str], AfterValidator(_networks)] = Field(default_factory=list)
     """CIDRs allowed to read the probes; empty allows every caller."""
     token: SecretStr | None = None
     """When set, probes need ``Authorization: Bearer <token>``."""
@@ -173,7 +215,7 @@ class GuardSettings(SectionSettings):
 class DatabaseSettings(SectionSettings):
     """The shared SQL database every component uses unless told otherwise."""
 
-    url: SecretStr = SecretStr(DEFAULT_DATABASE_URL)
+    url: Annotated[SecretStr, AfterValidator(_sql_url)] = SecretStr(DEFAULT_DATABASE_URL)
     """SQLAlchemy async URL: ``sqlite+aiosqlite:///path`` or ``postgresql+asyncpg://...``."""
     pool_size: int = Field(default=5, ge=1)
     """Connections kept open (PostgreSQL)."""
@@ -308,8 +350,44 @@ class Settings(BaseSettings):
         return self.database.url.get_secret_value().startswith("sqlite")
 
     def redacted(self) -> dict[str, Any]:
-        """Return the effective tree as JSON-ready data with every secret masked."""
-        return self.model_dump(mode="json")
+        """Return the effective tree as JSON-ready data with every secret masked.
+
+        ``SecretStr`` values are masked whole, except URLs (``database.url``,
+        ``redis.url``, ``events.broker_url``): an operator needs their host and
+        database to debug, so only the password (and any secret query parameter)
+        is masked. A password inside any other URL (a section's ``store_url``) is
+        masked in place too.
+        """
+        tree: dict[str, Any] = self.model_dump(mode="json")
+        for name, section in tree.items():
+            if isinstance(section, dict):
+                model = getattr(self, name)
+                for key, value in section.items():
+                    secret = getattr(model, key, None)
+                    if isinstance(secret, SecretStr):
+                        section[key] = _redact_secret(secret)
+                    elif isinstance(value, str) and "://" in value:
+                        section[key] = redact_url(value)
+        return tree
+
+
+_SECRET_MASK = "**********"  # noqa: S105 -- the mask pydantic shows for a SecretStr
+# Drivers also take credentials as query parameters (asyncpg's ?password=, ?sslpassword=).
+_SECRET_QUERY_PARAMETER = re.compile(
+    r"(?P<key>[?&][^=&#]*(?:pass|secret|token|key)[^=&#]*=)[^&#]*", re.IGNORECASE
+)
+
+
+def _redact_secret(secret: SecretStr) -> str:
+    value = secret.get_secret_value()
+    if "://" not in value:
+        return _SECRET_MASK
+    try:
+        shown = redact_url(value)
+    except ValueError:
+        # Unparsable (a non-numeric port, say): show nothing rather than risk it.
+        return _SECRET_MASK
+    return _SECRET_QUERY_PARAMETER.sub(r"\g<key>***", shown)
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -328,6 +406,14 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except PydanticValidationError as exc:
         raise ConfigurationError(_describe(exc)) from None
+    except SettingsError as exc:
+        raise ConfigurationError(_describe_source_error(exc)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"invalid configuration file {_config_file()}: {exc}") from None
+    except OSError as exc:  # pragma: no cover -- an unreadable file needs a non-root user
+        raise ConfigurationError(
+            f"cannot read configuration file {_config_file()}: {exc}"
+        ) from None
 
 
 def _describe(exc: PydanticValidationError) -> str:
@@ -337,3 +423,47 @@ def _describe(exc: PydanticValidationError) -> str:
         variable = ENV_PREFIX + "__".join(location).upper()
         lines.append(f"invalid setting {variable}: {error['msg']}")
     return "; ".join(lines)
+
+
+_SOURCE_FIELD = re.compile(r'field "(?P<field>[^"]+)"')
+
+
+def _describe_source_error(exc: SettingsError) -> str:
+    # pydantic-settings names only the section ("health") when an environment value
+    # for a list, dict or section is not JSON; find the variable that holds it.
+    match = _SOURCE_FIELD.search(str(exc))
+    field = match["field"] if match else ""
+    prefix = ENV_PREFIX + field.upper()
+    culprits = [
+        name
+        for name, value in os.environ.items()
+        if name.upper() == prefix
+        or (name.upper().startswith(prefix + "__") and _is_complex_variable(field, name, value))
+    ]
+    variable = ", ".join(sorted(culprits)) or prefix
+    return (
+        f"invalid setting {variable}: cannot parse the value; lists and dicts take JSON, "
+        """such as '["10.0.0.0/8"]'"""
+    )
+
+
+def _is_complex_variable(section: str, name: str, value: str) -> bool:
+    model = Settings.model_fields.get(section)
+    if model is None or not isinstance(model.annotation, type):
+        return False
+    key = name[len(ENV_PREFIX) + len(section) + 2 :].lower()
+    field = (
+        model.annotation.model_fields.get(key) if issubclass(model.annotation, BaseModel) else None
+    )
+    if field is None:
+        return False
+    annotation = field.annotation
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if (typing.get_origin(annotation) or annotation) not in (list, dict, set, tuple):
+        return False
+    try:
+        json.loads(value)
+    except ValueError:
+        return True
+    return False

@@ -1,6 +1,23 @@
-"""Data: the shared engine and sessions, and bastion's own migration tree."""
+"""Data: the shared engine and sessions, and the migration trees (bastion's own and the app's)."""
 
+from bastion.data._alembic_env import run_alembic_env
 from bastion.data._engine import Database
-from bastion.data._migrations import MigrationTree, Migrator
+from bastion.data._migrations import (
+    AppliedRevision,
+    MigrationError,
+    MigrationTree,
+    Migrator,
+    RevisionInfo,
+    TreeStatus,
+)
 
-__all__ = ["Database", "MigrationTree", "Migrator"]
+__all__ = [
+    "AppliedRevision",
+    "Database",
+    "MigrationError",
+    "MigrationTree",
+    "Migrator",
+    "RevisionInfo",
+    "TreeStatus",
+    "run_alembic_env",
+]

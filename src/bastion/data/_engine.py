@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.pool import NullPool
 
 from bastion.backends import BackendKind, backend_kind, import_optional, redact_url
+from bastion.errors import ConfigurationError
 from bastion.settings import DatabaseSettings
 
 __all__ = ["Database"]
@@ -38,7 +39,7 @@ class Database:
 
     def __init__(self, settings: DatabaseSettings) -> None:
         self.settings = settings
-        url = settings.url.get_secret_value()
+        url = async_url(settings.url.get_secret_value())
         self.kind = backend_kind(url)
         self.display_url = redact_url(url)
         self.engine: AsyncEngine = _create_engine(url, settings, self.kind)
@@ -62,6 +63,26 @@ class Database:
         await self.engine.dispose()
 
 
+# The URLs people copy from elsewhere name no driver, or a synchronous one; the
+# async engine needs the async driver of the same database.
+_ASYNC_DRIVERS = {
+    "postgres": "postgresql+asyncpg",
+    "postgresql": "postgresql+asyncpg",
+    "sqlite": "sqlite+aiosqlite",
+}
+
+
+def async_url(url: str) -> str:
+    """Return ``url`` with the async driver bastion uses when it names none.
+
+    Example:
+        >>> async_url("postgres://app@db/app")
+        'postgresql+asyncpg://app@db/app'
+    """
+    scheme, separator, rest = url.partition("://")
+    return _ASYNC_DRIVERS.get(scheme.lower(), scheme) + separator + rest
+
+
 def _create_engine(url: str, settings: DatabaseSettings, kind: BackendKind) -> AsyncEngine:
     options: dict[str, Any] = {"echo": settings.echo, "pool_pre_ping": settings.pool_pre_ping}
     if kind is BackendKind.SQLITE:
@@ -83,7 +104,7 @@ def _create_engine(url: str, settings: DatabaseSettings, kind: BackendKind) -> A
             connect_args={"timeout": settings.connect_timeout},
         )
         return create_async_engine(url, **options)
-    raise ValueError(f"database.url must be SQLite or PostgreSQL, not {kind.value}")
+    raise ConfigurationError(f"database.url must be SQLite or PostgreSQL, not {kind.value}")
 
 
 def _ensure_directory(url: str) -> None:

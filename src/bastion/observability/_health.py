@@ -20,7 +20,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from bastion.context import current_context
+from bastion.errors import ErrorCode, problem_body
 from bastion.lifecycle import Lifecycle
+from bastion.observability._handlers import problem_response
 from bastion.observability._logging import LogMasker
 
 __all__ = ["HealthCheck", "HealthRegistry"]
@@ -126,20 +129,24 @@ class HealthRegistry:
             if not any(address in network for network in self._networks):
                 return False
         if self._token is not None:
-            supplied = request.headers.get("authorization", "").removeprefix("Bearer ").encode()
-            return hmac.compare_digest(supplied, self._token)
+            # The scheme is case-insensitive (RFC 9110); the token is compared in
+            # constant time so its prefix cannot be found by timing probes.
+            scheme, _, supplied = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer":
+                return False
+            return hmac.compare_digest(supplied.strip().encode(), self._token)
         return True
 
     async def live(self, request: Request) -> Response:
         """``GET /health/live``."""
         if not self.allowed(request):
-            return _json({"status": "forbidden"}, 403)
+            return _forbidden()
         return _json({"status": "ok", "phase": self._lifecycle.phase.value}, 200)
 
     async def ready(self, request: Request) -> Response:
         """``GET /health/ready``."""
         if not self.allowed(request):
-            return _json({"status": "forbidden"}, 403)
+            return _forbidden()
         if not self._lifecycle.accepting:
             phase = self._lifecycle.phase.value
             return _json({"status": phase, "phase": phase, "checks": {}}, 503)
@@ -150,10 +157,30 @@ class HealthRegistry:
     def routes(self, prefix: str) -> list[Route]:
         """Return the probe routes, mounted under ``prefix``."""
         prefix = prefix.rstrip("/")
-        return [
-            Route(f"{prefix}/live", self.live, methods=["GET"], include_in_schema=False),
-            Route(f"{prefix}/ready", self.ready, methods=["GET"], include_in_schema=False),
-        ]
+        return [_route(f"{prefix}/live", self.live), _route(f"{prefix}/ready", self.ready)]
+
+
+def _route(path: str, endpoint: Callable[[Request], Awaitable[Response]]) -> Route:
+    # FastAPI's router records scope["route"] (which the access log and metrics read
+    # for the route template) only for its own APIRoutes, not for a Starlette Route.
+    route: Route
+
+    async def probe(request: Request) -> Response:
+        request.scope.setdefault("route", route)
+        return await endpoint(request)
+
+    route = Route(path, probe, methods=["GET"], include_in_schema=False)
+    return route
+
+
+def _forbidden() -> Response:
+    context = current_context()
+    body = problem_body(
+        ErrorCode.FORBIDDEN,
+        "The health probes are restricted to allowed networks or a token.",
+        context.request_id if context else None,
+    )
+    return problem_response(body, ErrorCode.FORBIDDEN.status)
 
 
 def _describe(exc: BaseException) -> str:

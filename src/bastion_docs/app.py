@@ -1,0 +1,97 @@
+"""The Bastion Docs application factory (``bastion serve``'s default app).
+
+Example:
+    >>> from bastion_docs.app import create_app
+    >>> app = create_app(database={"url": "sqlite+aiosqlite:///./var/docs.db"})
+
+Identity is a DEVELOPMENT STAND-IN (the ``X-Debug-User`` header, see
+:mod:`bastion_docs.identity`) until bastion's identity component lands.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import structlog
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+import bastion
+from bastion.errors import ConfigurationError
+from bastion_docs.identity import DEBUG_USER_HEADER
+from bastion_docs.routes import v1
+
+__all__ = ["MIGRATIONS", "create_app"]
+
+MIGRATIONS: Final = "bastion_docs:migrations"
+"""Where the service's Alembic tree lives, as ``package:directory``."""
+
+DESCRIPTION: Final = f"""\
+A multi-tenant document workspace: the reference service of Bastion.
+
+Every error is `application/problem+json` (RFC 9457) with a stable `code`;
+each operation lists the codes it can return under `x-error-codes`.
+
+**Identity is a development stand-in.** The `{DEBUG_USER_HEADER}` header names
+the calling user by id; anyone who knows an id can act as that user. Do not
+expose this service to untrusted networks until the identity component
+replaces it.
+"""
+
+
+def _with_service_tree(overrides: dict[str, Any]) -> dict[str, Any]:
+    # The caller may choose the mode or the version table; the tree is the service's own.
+    settings = overrides.get("settings")
+    if isinstance(settings, bastion.Settings):
+        migrations = settings.migrations.model_copy(update={"app_tree": MIGRATIONS})
+        return {**overrides, "settings": settings.model_copy(update={"migrations": migrations})}
+    supplied = overrides.get("migrations") or {}
+    if isinstance(supplied, BaseModel):
+        supplied = supplied.model_dump(exclude_unset=True)
+    return {**overrides, "migrations": {**supplied, "app_tree": MIGRATIONS}}
+
+
+def create_app(**overrides: Any) -> FastAPI:
+    """Build the Bastion Docs app with bastion installed.
+
+    The service's migration tree is added to the ``migrations`` section, so
+    start-up (in ``auto`` mode) or ``bastion migrate upgrade`` brings its
+    tables to the latest revision along with bastion's own.
+
+    Args:
+        overrides: settings by section, passed to :func:`bastion.install`
+            (or ``settings=`` a whole tree); a ``migrations`` override is merged
+            with the service's tree, not replaced by it.
+
+    Returns:
+        The app; its bastion runtime is at ``app.state.bastion``.
+
+    Raises:
+        ConfigurationError: a setting is invalid, or ``database.enabled`` is off.
+    """
+    app = FastAPI(
+        title="Bastion Docs",
+        description=DESCRIPTION,
+        version=bastion.__version__,
+        openapi_url="/api/openapi.json",
+        docs_url="/api/docs",
+        redoc_url=None,
+    )
+    runtime = bastion.install(app, **_with_service_tree(overrides))
+    if runtime.database is None:
+        raise ConfigurationError("Bastion Docs stores its data in the database: enable database")
+    app.include_router(v1)
+
+    if runtime.settings.environment == "production":
+
+        async def warn_stand_in() -> None:
+            # Looked up when start-up runs, not at import, so the line goes through the
+            # logging configuration in force then (structlog caches bound loggers).
+            structlog.get_logger("bastion_docs").warning(
+                "identity is a development stand-in: any caller can act as any user "
+                f"by sending {DEBUG_USER_HEADER}; do not expose this service",
+                header=DEBUG_USER_HEADER,
+            )
+
+        runtime.lifecycle.on_startup("identity stand-in warning", warn_stand_in)
+    return app

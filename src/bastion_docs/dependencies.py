@@ -1,0 +1,41 @@
+"""Route dependencies shared by every router: the database and a request's session."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from bastion.data import Database
+
+__all__ = ["DbSession", "database", "db_session"]
+
+
+async def database(request: Request) -> Database:
+    """Return the shared database bastion installed on the app.
+
+    A coroutine, though it awaits nothing: FastAPI runs plain functions in a
+    worker thread, which costs more than the whole lookup. ``create_app``
+    refuses to build the app without a database, so there always is one.
+    """
+    db: Database = request.app.state.bastion.database
+    return db
+
+
+async def db_session(db: Annotated[Database, Depends(database)]) -> AsyncIterator[AsyncSession]:
+    """Yield the request's one session; closing it rolls back whatever was not committed.
+
+    The caller's identity and the route's own work share this session, so a
+    request costs one connection checkout and one transaction, and a role is
+    checked in the transaction that acts on it. Routes that write call
+    ``commit()`` themselves before answering: the answer must not claim a
+    change that a failed commit would then undo.
+    """
+    async with db.sessions() as session:
+        yield session
+
+
+DbSession = Annotated[AsyncSession, Depends(db_session)]
+"""Route parameter type: the request's database session."""

@@ -1,0 +1,216 @@
+"""The app around the routes: OpenAPI, error envelope, settings, schema and start-up."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC
+
+import pytest
+import structlog
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import inspect, select
+
+from bastion.errors import ConfigurationError
+from bastion.testing import lifespan_client
+from bastion_docs.app import create_app
+from bastion_docs.models import Document, metadata
+
+PROBLEM = "application/problem+json"
+
+# Every code each operation can answer with. INTERNAL (500) is bastion's addition
+# to every operation, INVALID_INPUT (422) to every one that takes input.
+EXPECTED_CODES = {
+    ("post", "/v1/tenants"): {"CONFLICT", "INVALID_INPUT", "INTERNAL"},
+    # No parameters and no body: nothing to validate, so no 422.
+    ("get", "/v1/tenants/current"): {"UNAUTHENTICATED", "NOT_FOUND", "INTERNAL"},
+    ("get", "/v1/users/me"): {"UNAUTHENTICATED", "NOT_FOUND", "INTERNAL"},
+    ("post", "/v1/users"): {
+        "UNAUTHENTICATED",
+        "FORBIDDEN",
+        "CONFLICT",
+        "INVALID_INPUT",
+        "INTERNAL",
+    },
+    ("post", "/v1/documents"): {"UNAUTHENTICATED", "FORBIDDEN", "INVALID_INPUT", "INTERNAL"},
+    ("get", "/v1/documents"): {"UNAUTHENTICATED", "INVALID_INPUT", "INTERNAL"},
+    ("get", "/v1/documents/{document_id}"): {
+        "UNAUTHENTICATED",
+        "NOT_FOUND",
+        "INVALID_INPUT",
+        "INTERNAL",
+    },
+    ("patch", "/v1/documents/{document_id}"): {
+        "UNAUTHENTICATED",
+        "FORBIDDEN",
+        "NOT_FOUND",
+        "INVALID_INPUT",
+        "INTERNAL",
+    },
+    ("delete", "/v1/documents/{document_id}"): {
+        "UNAUTHENTICATED",
+        "FORBIDDEN",
+        "NOT_FOUND",
+        "INVALID_INPUT",
+        "INTERNAL",
+    },
+}
+
+
+class TestOpenApi:
+    async def test_every_operation_lists_its_error_codes(self, client):
+        """Each /v1 operation declares, under x-error-codes, every code it can return."""
+        document = (await client.get("/api/openapi.json")).json()
+        actual = {
+            (method, path): {
+                code
+                for response in operation["responses"].values()
+                for code in response.get("x-error-codes", [])
+            }
+            for path, item in document["paths"].items()
+            if path.startswith("/v1/")
+            for method, operation in item.items()
+        }
+        assert EXPECTED_CODES == actual
+
+    async def test_error_responses_are_problem_documents(self, client):
+        """Every declared 4xx/5xx response of /v1 is application/problem+json."""
+        document = (await client.get("/api/openapi.json")).json()
+        media = {
+            media_type
+            for path, item in document["paths"].items()
+            if path.startswith("/v1/")
+            for operation in item.values()
+            for status, response in operation["responses"].items()
+            if status >= "400"
+            for media_type in response["content"]
+        }
+        assert {PROBLEM} == media
+
+    async def test_stand_in_is_marked_in_the_document(self, client):
+        """The X-Debug-User scheme and the API description call it a development stand-in."""
+        document = (await client.get("/api/openapi.json")).json()
+        scheme = document["components"]["securitySchemes"]["DebugUser"]
+        assert ("apiKey", "header", "X-Debug-User") == (
+            scheme["type"],
+            scheme["in"],
+            scheme["name"],
+        )
+        assert "DEVELOPMENT STAND-IN" in scheme["description"]
+        assert "development stand-in" in document["info"]["description"]
+        assert "Bastion Docs" == document["info"]["title"]
+
+    async def test_swagger_ui_is_served_and_redoc_is_off(self, client):
+        """Swagger UI lives at /api/docs; there is no ReDoc page."""
+        docs = await client.get("/api/docs")
+        redoc = await client.get("/redoc")
+        assert (200, True) == (docs.status_code, "/api/openapi.json" in docs.text)
+        assert 404 == redoc.status_code
+
+
+class TestErrorEnvelope:
+    async def test_unknown_path_is_problem_with_correlation_id(self, client):
+        """GET /nope is 404 problem+json whose correlation_id is the X-Request-Id header."""
+        response = await client.get("/nope")
+        body = response.json()
+        assert (404, PROBLEM, "NOT_FOUND") == (
+            response.status_code,
+            response.headers["content-type"],
+            body["code"],
+        )
+        assert response.headers["x-request-id"] == body["correlation_id"]
+
+    async def test_inbound_request_id_is_the_correlation_id(self, client):
+        """A valid inbound X-Request-Id is echoed and used in the error body."""
+        response = await client.get("/v1/documents", headers={"X-Request-Id": "req-42.a:b"})
+        assert ("req-42.a:b", "req-42.a:b") == (
+            response.headers["x-request-id"],
+            response.json()["correlation_id"],
+        )
+
+    async def test_wrong_method_is_problem(self, client):
+        """PUT on a document is 405 problem+json, not a bare framework answer."""
+        response = await client.put("/v1/documents/x", json={})
+        assert (405, PROBLEM, "METHOD_NOT_ALLOWED") == (
+            response.status_code,
+            response.headers["content-type"],
+            response.json()["code"],
+        )
+
+
+class TestCreateApp:
+    def test_migrations_override_is_merged_not_replaced(self, sqlite_url):
+        """A caller's migrations settings keep the service's tree beside them."""
+        app = create_app(database={"url": sqlite_url}, migrations={"mode": "check"})
+        migrations = app.state.bastion.settings.migrations
+        assert ("bastion_docs:migrations", "check") == (migrations.app_tree, migrations.mode)
+
+    def test_settings_tree_gets_the_service_tree(self, sqlite_url):
+        """A whole settings tree passed in gains the service's migrations."""
+        import bastion
+
+        settings = bastion.Settings(database={"url": sqlite_url}, migrations={"mode": "off"})
+        app = create_app(settings=settings)
+        migrations = app.state.bastion.settings.migrations
+        assert ("bastion_docs:migrations", "off") == (migrations.app_tree, migrations.mode)
+
+    def test_database_is_required(self, sqlite_url):
+        """The service refuses to start without the shared database."""
+        with pytest.raises(ConfigurationError, match="database"):
+            create_app(database={"url": sqlite_url, "enabled": False})
+
+    @pytest.mark.parametrize(("environment", "warned"), [("production", 1), ("development", 0)])
+    async def test_stand_in_warning_in_production(self, service, sqlite_url, environment, warned):
+        """Start-up warns that identity is a stand-in when environment is production."""
+        app = service(sqlite_url, environment=environment)
+        with structlog.testing.capture_logs() as logs:
+            async with lifespan_client(app):
+                pass
+        stand_in = [e for e in logs if e["log_level"] == "warning" and "stand-in" in e["event"]]
+        assert warned == len(stand_in)
+
+
+class TestSchema:
+    async def test_migrations_match_the_models(self, app, client):
+        """After start-up migrations the database has exactly the models' tables."""
+        database = app.state.bastion.database
+
+        def differences(connection):
+            context = MigrationContext.configure(
+                connection, opts={"compare_type": True, "compare_server_default": True}
+            )
+            diff = compare_metadata(context, metadata)
+            # Bastion's own tables and the version tables are not the service's business.
+            return [
+                d for d in diff if not (d[0] == "remove_table" and d[1].name not in metadata.tables)
+            ]
+
+        async with database.engine.connect() as connection:
+            assert [] == await connection.run_sync(differences)
+
+    async def test_downgrade_and_upgrade_round_trip(self, app, client):
+        """The tree reverts to an empty schema and comes back to the models' tables."""
+        migrator = app.state.bastion.migrator
+        engine = app.state.bastion.database.engine
+
+        async def service_tables():
+            async with engine.connect() as connection:
+                names = await connection.run_sync(lambda c: inspect(c).get_table_names())
+            return sorted(set(names) & set(metadata.tables))
+
+        reverted = await migrator.downgrade("app", "base")
+        assert (["0001"], []) == ([r.revision for r in reverted], await service_tables())
+        reapplied = await migrator.upgrade()
+        assert (["0001"], ["documents", "tenants", "users"]) == (
+            [r.revision for r in reapplied],
+            await service_tables(),
+        )
+
+    async def test_timestamps_read_back_aware_in_utc(self, app, new_workspace, create_document):
+        """Stored timestamps come back timezone-aware in UTC, on SQLite as on PostgreSQL."""
+        ws = await new_workspace()
+        created = await create_document(ws.owner)
+        key = uuid.UUID(created["id"])
+        async with app.state.bastion.database.session() as session:
+            document = await session.scalar(select(Document).where(Document.id == key))
+        assert (UTC, UTC) == (document.created_at.tzinfo, document.updated_at.tzinfo)

@@ -1,0 +1,114 @@
+"""The public names of bastion and of each public subpackage are pinned.
+
+A change here is a change to the public API: make it on purpose, and list it in
+CHANGELOG.md.
+"""
+
+import importlib
+import importlib.metadata
+import importlib.resources
+
+import pytest
+
+PUBLIC_NAMES = {
+    "bastion": [
+        "Bastion",
+        "BastionError",
+        "ErrorCode",
+        "RequestContext",
+        "Settings",
+        "create_app",
+        "current_context",
+        "install",
+    ],
+    "bastion.errors": [
+        "PROBLEM_CONTENT_TYPE",
+        "BastionError",
+        "ConfigurationError",
+        "Conflict",
+        "DependencyFailure",
+        "ErrorCode",
+        "FieldError",
+        "Forbidden",
+        "InvalidInput",
+        "NotFound",
+        "PreconditionFailed",
+        "ServiceUnavailable",
+        "Unauthenticated",
+        "code_for_status",
+        "problem_body",
+        "problem_responses",
+    ],
+    "bastion.observability": [
+        "AccessLogger",
+        "HealthCheck",
+        "HealthRegistry",
+        "LogMasker",
+        "RequestMiddleware",
+        "configure_logging",
+        "install_exception_handlers",
+        "problem_response",
+    ],
+    "bastion.data": [
+        "AppliedRevision",
+        "Database",
+        "MigrationError",
+        "MigrationTree",
+        "Migrator",
+        "RevisionInfo",
+        "TreeStatus",
+        "run_alembic_env",
+    ],
+    "bastion.testing": ["lifespan_client"],
+}
+
+
+@pytest.mark.parametrize("module_name", sorted(PUBLIC_NAMES))
+class TestPublicNames:
+    def test_all_is_pinned(self, module_name):
+        """__all__ lists exactly the pinned names, in the pinned order."""
+        module = importlib.import_module(module_name)
+        assert PUBLIC_NAMES[module_name] == list(module.__all__)
+
+    def test_every_name_resolves(self, module_name):
+        """Every name in __all__ is an attribute of the module."""
+        module = importlib.import_module(module_name)
+        assert [] == [name for name in module.__all__ if not hasattr(module, name)]
+
+    def test_names_are_unique(self, module_name):
+        """No name is listed twice."""
+        module = importlib.import_module(module_name)
+        assert len(set(module.__all__)) == len(module.__all__)
+
+    def test_star_import_gives_only_public_names(self, module_name):
+        """`from module import *` brings exactly __all__ and nothing private."""
+        namespace: dict[str, object] = {}
+        exec(f"from {module_name} import *", namespace)  # noqa: S102 -- a fixed module name
+        namespace.pop("__builtins__")
+        assert sorted(PUBLIC_NAMES[module_name]) == sorted(namespace)
+
+
+class TestTopLevel:
+    def test_top_level_reexports_are_the_canonical_objects(self):
+        """bastion's names are the same objects as in the modules that define them."""
+        import bastion
+        import bastion.context
+        import bastion.errors
+        import bastion.settings
+
+        assert bastion.errors.BastionError is bastion.BastionError
+        assert bastion.errors.ErrorCode is bastion.ErrorCode
+        assert bastion.settings.Settings is bastion.Settings
+        assert bastion.context.current_context is bastion.current_context
+
+    def test_version_matches_the_distribution(self):
+        """bastion.__version__ is the installed distribution's version."""
+        import bastion
+
+        assert importlib.metadata.version("bastion") == bastion.__version__
+
+    def test_ships_type_information(self):
+        """The package carries py.typed, so type checkers read its annotations."""
+        import bastion
+
+        assert (importlib.resources.files(bastion) / "py.typed").is_file()

@@ -1,6 +1,5 @@
 """Start-up and shutdown hooks: order, failures, phases, and draining."""
 
-
 import pytest
 from fastapi import FastAPI
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -108,15 +109,14 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
     runtime = Bastion(settings, lifecycle, health, database, redis, migrator, access_log)
     app.state.bastion = runtime
 
-    if settings.health.enabled:
-        # Inserted first so an app's catch-all route cannot shadow the probes.
-        app.router.routes[0:0] = health.routes(settings.health.path_prefix)
+    probes = health.routes(settings.health.path_prefix) if settings.health.enabled else []
     install_exception_handlers(app)
     app.add_middleware(
         RequestMiddleware,
         lifecycle=lifecycle,
         access_log=access_log if settings.logging.access_log else None,
         operational_prefixes=(settings.health.path_prefix.rstrip("/") + "/", "/metrics"),
+        probes={route.path: route for route in probes},
     )
     app.router.lifespan_context = _wrap_lifespan(app.router.lifespan_context, lifecycle)
     _document_errors(app)
@@ -227,11 +227,26 @@ def _wrap_lifespan(inner: LifespanFactory, lifecycle: Lifecycle) -> LifespanFact
         try:
             await lifecycle.startup()
             async with inner(app) as state:
+                _freeze_startup_objects()
                 yield state
         finally:
             await lifecycle.shutdown()
 
     return lifespan
+
+
+def _freeze_startup_objects() -> None:
+    """Move everything start-up made out of the garbage collector's sight.
+
+    The app, its routes, models and pools live as long as the process; left in
+    the collected generations, every full collection walks them (~114k objects
+    for the reference service, 60-90 ms each) and under load the collector's
+    share was 15-22 µs per request on FastAPI. Frozen, 5-6 µs
+    (bench/README.md). What start-up made and later drops is simply never
+    collected: a one-off cost, not a leak that grows.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 _ALWAYS = problem_responses(ErrorCode.INTERNAL)

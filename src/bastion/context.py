@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextvars
 import os
-import re
+import random
+import string
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -17,7 +18,17 @@ __all__ = ["RequestContext", "current_context", "is_valid_request_id", "new_requ
 
 # ARCHITECTURE.md: kept when it is 1 to 128 characters of [A-Za-z0-9._:-], so UUIDs,
 # ULIDs and nginx's $request_id pass through unchanged.
-_REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+_REQUEST_ID_ALPHABET: Final = (string.ascii_letters + string.digits + "._:-").encode()
+_REQUEST_ID_MAX: Final = 128
+
+# Request ids only need to be unique, not unpredictable: a client may send any id it
+# likes anyway. One Mersenne Twister draw costs ~0.3 µs against ~0.7 µs for
+# os.urandom(16).hex(), whose getrandom() syscall is the cost, and ~4 µs for
+# str(uuid.uuid4()) (bench/choices.py). The generator is private
+# (an app's random.seed() cannot make ids repeat), seeded from os.urandom, and
+# reseeded in every forked child so pre-forked workers never share a sequence.
+_ids: Final = random.Random()  # noqa: S311 -- uniqueness, not secrecy; see above
+os.register_at_fork(after_in_child=_ids.seed)
 
 
 @dataclass(slots=True)
@@ -66,13 +77,16 @@ def current_context() -> RequestContext | None:
 
 def is_valid_request_id(raw: bytes) -> bool:
     """Return whether an inbound ``X-Request-Id`` value may be kept as it is."""
-    return _REQUEST_ID.fullmatch(raw) is not None
+    # One bytes.translate deleting the allowed alphabet leaves nothing exactly when
+    # the id is clean: ~0.1 µs cheaper than a compiled regex's fullmatch for a UUID,
+    # ~0.4 µs for 128 characters.
+    return 0 < len(raw) <= _REQUEST_ID_MAX and not raw.translate(None, _REQUEST_ID_ALPHABET)
 
 
 def new_request_id() -> str:
     """Return a fresh request id: 32 hex digits, unique without coordination."""
-    # os.urandom + hex is ~4x faster than str(uuid4()) and needs no formatting.
-    return os.urandom(16).hex()
+    # 128 random bits, like a UUIDv4's 122, without building a UUID object.
+    return _ids.getrandbits(128).to_bytes(16).hex()
 
 
 def bind(context: RequestContext) -> contextvars.Token[RequestContext | None]:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Mapping
 from typing import Final
 
 import structlog
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion.context import RequestContext, bind, is_valid_request_id, new_request_id, unbind
@@ -38,6 +40,10 @@ class RequestMiddleware:
         lifecycle: counts requests in flight for graceful shutdown.
         access_log: writes the access line, or ``None`` when it is off.
         operational_prefixes: paths whose access lines are debug-level only.
+        probes: routes answered here, by exact path, without passing through the
+            app: one dict lookup per request instead of every app request failing
+            to match the probe routes first (3-5 µs a request, bench/request_path.py),
+            and a probe a catch-all route or the app's own middleware cannot shadow.
     """
 
     def __init__(
@@ -47,53 +53,72 @@ class RequestMiddleware:
         lifecycle: Lifecycle,
         access_log: AccessLogger | None,
         operational_prefixes: tuple[str, ...] = ("/health/", "/metrics"),
+        probes: Mapping[str, Route] | None = None,
     ) -> None:
         self.app = app
+        self.probes = dict(probes or {})
         self.lifecycle = lifecycle
         self.access_log = access_log
         self.operational_prefixes = operational_prefixes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(  # noqa: PLR0912, PLR0915 -- one frame on every request; helpers cost a call each
+        self, scope: Scope, receive: Receive, send: Send
+    ) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
 
-        started = time.perf_counter()
-        request_id: str | None = None
+        started = time.perf_counter_ns()
+        # Kept ids are echoed as the bytes they came in as: no decode/encode round trip.
+        raw_id: bytes | None = None
         for name, value in scope["headers"]:
             if name == _REQUEST_ID_HEADER:
-                if is_valid_request_id(value):
-                    request_id = value.decode("ascii")
+                raw_id = value
                 break
-        if request_id is None:
+        if raw_id is not None and is_valid_request_id(raw_id):
+            request_id = raw_id.decode("ascii")
+        else:
             request_id = new_request_id()
+            raw_id = request_id.encode("ascii")
+        request_id_header = (_REQUEST_ID_HEADER, raw_id)
+        method = scope["method"]
         client = scope.get("client")
         client_ip = client[0] if client else None
-        context = RequestContext(request_id, scope["method"], client_ip)
+        context = RequestContext(request_id, method, client_ip)
         token = bind(context)
-        request_id_header = (_REQUEST_ID_HEADER, request_id.encode("ascii"))
         status = 500
         response_started = False
 
-        async def send_with_request_id(message: Message) -> None:
+        # A closure rather than a per-request object with __call__: both cost about the
+        # same to create, but the two calls per response cost ~0.7 µs more through
+        # __call__ and attribute access than through cells. A plain function that
+        # returns send's awaitable rather than a coroutine awaiting it: no coroutine
+        # object per message, ~0.3 µs a response.
+        def send_with_request_id(message: Message) -> Awaitable[None]:
             nonlocal status, response_started
             if message["type"] == "http.response.start":
                 response_started = True
                 status = message["status"]
+                # A new list: the app may reuse its header list for other responses.
                 message["headers"] = [*message.get("headers", ()), request_id_header]
-            await send(message)
+            return send(message)
 
         lifecycle = self.lifecycle
         lifecycle.request_started()
+        probe = self.probes.get(scope["path"])
         try:
-            await self.app(scope, receive, send_with_request_id)
+            if probe is None:
+                await self.app(scope, receive, send_with_request_id)
+            else:
+                scope["route"] = probe
+                await probe.handle(scope, receive, send_with_request_id)
         except asyncio.CancelledError:
             # Only the server cancels a request task: the shutdown timeout ran out.
             lifecycle.request_cut_off()
-            logger.warning("request cut off by shutdown timeout", method=scope["method"])
+            logger.warning("request cut off by shutdown timeout", method=method)
             raise
         except Exception:
-            logger.exception("unhandled error", method=scope["method"])
+            logger.exception("unhandled error", method=method)
             if response_started:
                 # Too late for a problem body; let the server abort the connection so
                 # the client sees a truncated response rather than a false success.
@@ -102,20 +127,15 @@ class RequestMiddleware:
             await _send_internal_error(send, request_id_header, request_id)
         finally:
             lifecycle.request_finished()
-            route = scope.get("route")
-            context.route = getattr(route, "path", None)
+            context.route = getattr(scope.get("route"), "path", None)
             access_log = self.access_log
             if access_log is not None:
                 operational = scope["path"].startswith(self.operational_prefixes)
-                if access_log.enabled(operational):
-                    access_log.log(
-                        operational=operational,
-                        method=scope["method"],
-                        route=context.route,
-                        status=status,
-                        duration_ms=round((time.perf_counter() - started) * 1000, 3),
-                        client=client_ip,
-                    )
+                if access_log.debug_enabled if operational else access_log.info_enabled:
+                    # Integer nanoseconds to milliseconds with three decimals:
+                    # round(seconds * 1000, 3) costs ~0.5 µs, this ~0.2 µs.
+                    duration_ms = (time.perf_counter_ns() - started) // 1000 / 1000
+                    access_log.log(context, status, duration_ms, operational)
             unbind(token)
 
 

@@ -1,0 +1,254 @@
+"""Micro-benchmark: the per-request cost of bastion's layer, in-process, with no network.
+
+Drives each variant's ASGI app directly with a fake ``receive`` and ``send``,
+so what is left is the framework and bastion's Python, microsecond for
+microsecond: the figure to optimize against, and with ``--profile`` the place
+to find where the microseconds go. The HTTP benchmark (``http_overhead.py``)
+says what a client sees; this one says why.
+
+The access log is written for real: standard output (file descriptor 1) is
+redirected to a file for the whole run, exactly as a JSON log shipped from a
+container's stdout, and results are printed on the original stdout.
+
+Usage:
+    .venv/bin/python bench/request_path.py [--requests 2000] [--rounds 30]
+        [--batch 16] [--profile fastapi+bastion] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import gc
+import io
+import json
+import os
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _machine import describe, format_description, steal_percent, steal_ticks
+
+ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+
+# The variants of _apps.py plus diagnostics that split bastion's cost. They build on
+# Starlette, whose smaller and steadier cost lets a microsecond show.
+DIAGNOSTICS = {
+    "starlette+bastion(no access log)": ("starlette", {"logging": {"access_log": False}}),
+    "starlette+bastion(no health routes)": ("starlette", {"health": {"enabled": False}}),
+}
+
+
+def _scope(path: str) -> dict[str, Any]:
+    # What uvicorn's httptools protocol builds for `GET /items/42` from wrk.
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 51234),
+        "scheme": "http",
+        "method": "GET",
+        "root_path": "",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [(b"host", b"127.0.0.1:8000")],
+        "state": {},
+    }
+
+
+async def _receive() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+class _Send:
+    __slots__ = ("status",)
+
+    def __init__(self) -> None:
+        self.status = 0
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+
+
+async def _lifespan(app: ASGIApp) -> Callable[[], Awaitable[None]]:
+    """Run the app's start-up through the ASGI lifespan protocol; return its shutdown."""
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    await inbox.put({"type": "lifespan.startup"})
+    task = asyncio.create_task(
+        app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, inbox.get, outbox.put)
+    )
+    message = await outbox.get()
+    if message["type"] != "lifespan.startup.complete":
+        raise RuntimeError(f"start-up failed: {message}")
+
+    async def shutdown() -> None:
+        await inbox.put({"type": "lifespan.shutdown"})
+        await outbox.get()
+        await task
+
+    return shutdown
+
+
+async def _run(app: ASGIApp, scope: dict[str, Any], requests: int, batch: int) -> float:
+    """Serve ``requests`` requests; return the mean CPU µs per request."""
+    send = _Send()
+    sleep = asyncio.sleep
+    gc.collect()
+    # CPU time of this thread, not wall time: on a shared machine other processes'
+    # time slices would otherwise land in whichever variant was running.
+    started = time.thread_time_ns()
+    for i in range(requests):
+        await app(scope.copy(), _receive, send)
+        if i % batch == 0:
+            # Yield to the loop like a server does between batches of ready
+            # requests, so the access log's once-per-turn flush runs.
+            await sleep(0)
+    elapsed = time.thread_time_ns() - started
+    if send.status != 200:
+        raise RuntimeError(f"unexpected status {send.status}")
+    return elapsed / requests / 1000
+
+
+def _build(name: str) -> ASGIApp:
+    import _apps  # noqa: PLC0415 -- after the environment is set up
+
+    if name in _apps.VARIANTS:
+        return _apps.VARIANTS[name][0]()  # type: ignore[no-any-return]
+    import bastion  # noqa: PLC0415 -- after the environment is set up
+
+    base, overrides = DIAGNOSTICS[name]
+    app = _apps.bare_fastapi() if base == "fastapi" else _apps.bare_starlette()
+    bastion.install(app, **overrides)
+    return app
+
+
+def _baseline(name: str) -> str | None:
+    import _apps  # noqa: PLC0415 -- after the environment is set up
+
+    if name in _apps.VARIANTS:
+        return _apps.VARIANTS[name][1]
+    return DIAGNOSTICS[name][0]
+
+
+async def _main(args: argparse.Namespace, out: io.TextIOWrapper) -> dict[str, Any]:
+    import _apps  # noqa: PLC0415 -- after the environment is set up
+
+    names = [*_apps.VARIANTS, *DIAGNOSTICS]
+    apps = {name: _build(name) for name in names}
+    shutdowns = [await _lifespan(app) for app in apps.values()]
+    scope = _scope(_apps.PATH)
+    for app in apps.values():  # warm-up: caches, route compilation, first-use paths
+        await _run(app, scope, 2000, args.batch)
+
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_no in range(args.rounds):
+        # Rotate the order so drift (frequency, noisy neighbours) hits all alike.
+        order = names[round_no % len(names) :] + names[: round_no % len(names)]
+        for name in order:
+            samples[name].append(await _run(apps[name], scope, args.requests, args.batch))
+
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        await _run(apps[args.profile], scope, args.requests, args.batch)
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+        out.write(text.getvalue())
+
+    for shutdown in shutdowns:
+        await shutdown()
+
+    results: dict[str, Any] = {}
+    for name in names:
+        median = statistics.median(samples[name])
+        results[name] = {"us_per_request": round(median, 2), "rounds": samples[name]}
+        base = _baseline(name)
+        if base is not None:
+            # The median of per-round differences, not the difference of medians: a
+            # round's variant and baseline ran seconds apart, so the host's drift
+            # (this is a shared VM) mostly cancels within a pair.
+            paired = [
+                mine - theirs for mine, theirs in zip(samples[name], samples[base], strict=True)
+            ]
+            results[name]["baseline"] = base
+            results[name]["overhead_us"] = round(statistics.median(paired), 2)
+    return results
+
+
+def _print(results: dict[str, Any], args: argparse.Namespace, log: Path, out: Any) -> None:
+    print(format_description(describe()), file=out)
+    print(
+        f"in-process ASGI, no network, CPU time of the serving thread; "
+        f"{args.requests} requests x {args.rounds} rounds, "
+        f"median of rounds; overhead = median of paired per-round differences;\n"
+        f"loop yielded every {args.batch} requests; access log written to a file "
+        f"({log.stat().st_size} bytes this run)",
+        file=out,
+    )
+    print(f"{'variant':<36}{'µs/request':>12}{'vs bare (µs)':>16}", file=out)
+    for name, result in results.items():
+        overhead = result.get("overhead_us")
+        delta = f"{overhead:+.2f} vs {result['baseline']}" if overhead is not None else ""
+        print(f"{name:<36}{result['us_per_request']:>12.2f}   {delta}", file=out)
+
+
+def main() -> int:
+    """Run the micro-benchmark; exit 0 unless a variant fails."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000, help="requests per variant per round")
+    parser.add_argument("--rounds", type=int, default=30, help="rounds; medians are reported")
+    parser.add_argument("--batch", type=int, default=16, help="requests per event-loop turn")
+    parser.add_argument("--profile", metavar="VARIANT", help="cProfile one variant afterwards")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bastion-bench-") as tmp:
+        os.environ["BASTION_DATABASE__URL"] = f"sqlite+aiosqlite:///{tmp}/bench.db"
+        os.environ["BASTION_LOGGING__FORMAT"] = "json"
+        os.environ["BASTION_CONFIG_FILE"] = f"{tmp}/absent.toml"
+        log = Path(tmp) / "access.log"
+        sys.stdout.flush()
+        saved = os.dup(1)
+        out = io.TextIOWrapper(os.fdopen(saved, "wb"), write_through=True)
+        with log.open("wb") as log_file:
+            os.dup2(log_file.fileno(), 1)
+        try:
+            import uvloop  # noqa: PLC0415 -- optional, as in the server
+
+            runner: Callable[[Any], Any] = uvloop.run
+        except ImportError:
+            runner = asyncio.run
+        steal_before, wall_before = steal_ticks(), time.monotonic()
+        try:
+            results = runner(_main(args, out))
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stdout.flush()
+        stolen = steal_percent(steal_before, steal_ticks(), time.monotonic() - wall_before)
+        _print(results, args, log, out)
+        if stolen is not None:
+            print(
+                f"the hypervisor stole {stolen:.0f}% of the machine's CPU time during the run",
+                file=out,
+            )
+        if args.json:
+            args.json.write_text(json.dumps({"machine": describe(), "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

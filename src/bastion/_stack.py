@@ -110,6 +110,9 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
     app.state.bastion = runtime
 
     probes = health.routes(settings.health.path_prefix) if settings.health.enabled else []
+    # The middleware answers GET and HEAD on the probes; at the router's end the same
+    # routes give other methods a 405 with Allow, and cost app requests nothing.
+    app.router.routes.extend(probes)
     install_exception_handlers(app)
     app.add_middleware(
         RequestMiddleware,

@@ -131,7 +131,8 @@ class TestDrain:
             response = await endless
             await running.stopped()
 
-        assert 500 == response.status_code
+        assert 503 == response.status_code
+        assert "SERVICE_UNAVAILABLE" == response.json()["code"]
         assert (1, 1) == (lifecycle_of(app).cut_off, running.server.requests_cut_off)
         assert 0 == running.server.exit_code
 

@@ -421,3 +421,42 @@ class TestDatabaseOutage:
                 await asyncio.sleep(0.2)
                 after = await client.get("/health/ready")
             assert (200, "ok") == (after.status_code, after.json()["checks"]["database"]["status"])
+
+
+class TestProbeMethods:
+    async def test_probes_answer_get_and_head_and_refuse_other_methods(self, sqlite_url):
+        """GET/HEAD on a probe answer 200; POST is a 405 problem with Allow, never a 500."""
+        from fastapi import FastAPI
+
+        import bastion
+        from bastion.testing import lifespan_client
+
+        app = FastAPI()
+        bastion.install(app, database={"url": sqlite_url})
+        async with lifespan_client(app) as client:
+            get = await client.get("/health/live")
+            head = await client.head("/health/ready")
+            post = await client.post("/health/live")
+        assert (200, 200) == (get.status_code, head.status_code)
+        assert 405 == post.status_code
+        assert "application/problem+json" == post.headers["content-type"]
+        assert "METHOD_NOT_ALLOWED" == post.json()["code"]
+        assert "GET" in post.headers["allow"]
+
+    async def test_catch_all_route_cannot_shadow_the_probes(self, sqlite_url):
+        """An app's catch-all route does not take over /health/live."""
+        from fastapi import FastAPI
+
+        import bastion
+        from bastion.testing import lifespan_client
+
+        app = FastAPI()
+
+        @app.get("/{path:path}")
+        async def spa(path: str) -> dict[str, str]:
+            return {"page": path}
+
+        bastion.install(app, database={"url": sqlite_url})
+        async with lifespan_client(app) as client:
+            response = await client.get("/health/live")
+        assert "ok" == response.json()["status"]

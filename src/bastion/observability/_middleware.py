@@ -9,6 +9,7 @@ one ``try`` instead of each paying for its own frame on every request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Mapping
 from typing import Final
@@ -29,6 +30,15 @@ logger = structlog.get_logger("bastion.request")
 _REQUEST_ID_HEADER: Final = b"x-request-id"
 _INTERNAL_DETAIL: Final = (
     "An unexpected error occurred. Quote the correlation_id when reporting it."
+)
+
+
+_PROBE_METHODS: Final = frozenset({"GET", "HEAD"})
+
+
+_CUT_OFF_DETAIL: Final = (
+    "The server shut down before this request finished. It is safe to retry if the "
+    "operation is idempotent."
 )
 
 
@@ -105,7 +115,9 @@ class RequestMiddleware:
 
         lifecycle = self.lifecycle
         lifecycle.request_started()
-        probe = self.probes.get(scope["path"])
+        # GET and HEAD only: other methods reach the app, whose router answers 405
+        # with an Allow header from the same routes kept at its end.
+        probe = self.probes.get(scope["path"]) if method in _PROBE_METHODS else None
         try:
             if probe is None:
                 await self.app(scope, receive, send_with_request_id)
@@ -116,6 +128,16 @@ class RequestMiddleware:
             # Only the server cancels a request task: the shutdown timeout ran out.
             lifecycle.request_cut_off()
             logger.warning("request cut off by shutdown timeout", method=method)
+            if not response_started:
+                # A retryable 503 problem with the correlation id, rather than the
+                # server's bare 500: the client did nothing wrong and may try again
+                # on another instance. The cancellation was consumed by the except,
+                # so this send runs; a second cancellation (forced exit) skips it.
+                status = 503
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await _send_problem(
+                        send, request_id_header, request_id, ErrorCode.SERVICE_UNAVAILABLE
+                    )
             raise
         except Exception:
             logger.exception("unhandled error", method=method)
@@ -124,7 +146,7 @@ class RequestMiddleware:
                 # the client sees a truncated response rather than a false success.
                 raise
             status = 500
-            await _send_internal_error(send, request_id_header, request_id)
+            await _send_problem(send, request_id_header, request_id, ErrorCode.INTERNAL)
         finally:
             lifecycle.request_finished()
             context.route = getattr(scope.get("route"), "path", None)
@@ -139,19 +161,17 @@ class RequestMiddleware:
             unbind(token)
 
 
-async def _send_internal_error(
-    send: Send, request_id_header: tuple[bytes, bytes], request_id: str
+async def _send_problem(
+    send: Send, request_id_header: tuple[bytes, bytes], request_id: str, code: ErrorCode
 ) -> None:
-    body = render_problem(problem_body(ErrorCode.INTERNAL, _INTERNAL_DETAIL, request_id))
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 500,
-            "headers": [
-                (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
-                (b"content-length", str(len(body)).encode()),
-                request_id_header,
-            ],
-        }
-    )
+    detail = _INTERNAL_DETAIL if code is ErrorCode.INTERNAL else _CUT_OFF_DETAIL
+    body = render_problem(problem_body(code, detail, request_id))
+    headers = [
+        (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
+        (b"content-length", str(len(body)).encode()),
+        request_id_header,
+    ]
+    if code is ErrorCode.SERVICE_UNAVAILABLE:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": code.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -11,7 +11,7 @@ import contextvars
 import os
 import random
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 __all__ = ["RequestContext", "current_context", "is_valid_request_id", "new_request_id"]
@@ -57,7 +57,6 @@ class RequestContext:
     span_id: str | None = None
     tenant_id: str | None = None
     user_id: str | None = None
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 _current: Final[contextvars.ContextVar[RequestContext | None]] = contextvars.ContextVar(

@@ -399,3 +399,21 @@ class TestMasker:
     def test_secret_assignments_in_text(self, text):
         """access_token=, client_secret=, X-Api-Key: and JSON "password": values are masked."""
         assert "abcDEF123456" not in LogMasker().mask_value(text)
+
+
+class TestUvicornExtras:
+    def test_color_message_is_dropped(self, capsysbinary):
+        """uvicorn's ANSI-coloured copy of a message never reaches the JSON line."""
+        import json
+        import logging
+
+        from bastion.observability import configure_logging
+        from bastion.settings import LoggingSettings
+
+        configure_logging(LoggingSettings(format="json"))
+        logging.getLogger("uvicorn.error").info(
+            "Finished server process [%d]", 1, extra={"color_message": "\x1b[1mFinished\x1b[0m"}
+        )
+        line = json.loads(capsysbinary.readouterr().out.splitlines()[-1])
+        assert "Finished server process [1]" == line["event"]
+        assert "color_message" not in line

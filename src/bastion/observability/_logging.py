@@ -405,10 +405,11 @@ def configure_logging(settings: LoggingSettings, stream: IO[bytes] | None = None
 
     shared: list[Processor] = [
         structlog.processors.add_log_level,
+        # Before _add_logger_name, which drops the extras that are only noise.
+        structlog.stdlib.ExtraAdder(),
         _add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
         _add_context,
-        structlog.stdlib.ExtraAdder(),
     ]
     renderer: Processor
     exception_formatter: Processor

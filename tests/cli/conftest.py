@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import structlog
 from click.testing import Result
 from typer.testing import CliRunner
 
@@ -30,21 +28,3 @@ def cli() -> Callable[..., Result]:
         return runner.invoke(app, list(args))
 
     return invoke
-
-
-_LAZY_PROXY = type(structlog.get_logger())
-
-
-@pytest.fixture(autouse=True)
-def _uncache_loggers() -> Iterator[None]:
-    """Make module-level structlog loggers pick up the next configuration.
-
-    With ``cache_logger_on_first_use`` a module's logger keeps the output stream of
-    the first configuration it saw; the runner's stream is closed after each
-    command, so a later test would write to a closed file.
-    """
-    yield
-    for module in list(sys.modules.values()):
-        for value in list(getattr(module, "__dict__", {}).values()):
-            if isinstance(value, _LAZY_PROXY):
-                value.__dict__.pop("bind", None)

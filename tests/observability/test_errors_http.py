@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import structlog
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, Field
 from starlette.applications import Starlette
@@ -252,27 +251,9 @@ class TestOpenApi:
         assert schema is app.openapi()
 
 
-def fresh_loggers(monkeypatch):
-    """Give bastion's module-level loggers fresh proxies bound to the current configuration.
-
-    structlog caches a module-level logger on first use (cache_logger_on_first_use),
-    so without this a logger first used by an earlier test keeps writing to that
-    test's stream.
-    """
-    import bastion._stack
-    import bastion.lifecycle
-    import bastion.observability._middleware as middleware
-
-    names = {bastion._stack: "bastion", bastion.lifecycle: "bastion.lifecycle"}
-    names[middleware] = "bastion.request"
-    for module, name in names.items():
-        monkeypatch.setattr(module, "logger", structlog.get_logger(name))
-
-
 class TestErrorLog:
     async def test_500_is_logged_with_the_secret_masked(self, capsysbinary, monkeypatch):
         """The error line names the request and exception, with every secret masked."""
-        fresh_loggers(monkeypatch)
         app = fastapi_app()
         bastion.install(app, database={"enabled": False}, logging={"format": "json"})
         async with lifespan_client(app) as client:

@@ -23,23 +23,6 @@ BASE_FIELDS = {"timestamp", "level", "event", "logger", "request_id", "trace_id"
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|\+00:00)")
 
 
-def fresh_loggers(monkeypatch):
-    """Give bastion's module-level loggers fresh proxies bound to the current configuration.
-
-    structlog caches a module-level logger on first use (cache_logger_on_first_use),
-    so without this a logger first used by an earlier test keeps writing to that
-    test's stream.
-    """
-    import bastion._stack
-    import bastion.lifecycle
-    import bastion.observability._middleware as middleware
-
-    names = {bastion._stack: "bastion", bastion.lifecycle: "bastion.lifecycle"}
-    names[middleware] = "bastion.request"
-    for module, name in names.items():
-        monkeypatch.setattr(module, "logger", structlog.get_logger(name))
-
-
 def json_lines(capsysbinary) -> list[dict]:
     """Every line written to standard output so far, each parsed as one JSON object."""
     return [json.loads(line) for line in capsysbinary.readouterr().out.decode().splitlines()]
@@ -67,11 +50,6 @@ def fail(exc: Exception):
 
 def access_lines(lines: list[dict]) -> list[dict]:
     return [line for line in lines if line["logger"] == "bastion.access"]
-
-
-@pytest.fixture(autouse=True)
-def _fresh(monkeypatch):
-    fresh_loggers(monkeypatch)
 
 
 class TestJsonLines:

@@ -27,7 +27,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 import structlog
 from alembic.util import CommandError
@@ -64,12 +64,7 @@ __all__ = [
 ]
 
 
-def _logger() -> Any:
-    # Looked up per use rather than once at import: structlog caches a logger on
-    # first use, and `bastion migrate` re-targets logging (to stderr) after the
-    # app configured it. Migrations log a few lines per run, so the lookup is free.
-    return structlog.get_logger("bastion.migrations")
-
+logger = structlog.get_logger("bastion.migrations")
 
 BASTION_TREE: Final = "bastion"
 BASTION_VERSION_TABLE: Final = "bastion_alembic_version"
@@ -376,7 +371,7 @@ class Migrator:
         def done(step: RevisionStep, duration_ms: float) -> None:
             record = AppliedRevision(tree.name, step.revision.revision, direction, duration_ms)
             applied.append(record)
-            _logger().info(
+            logger.info(
                 "migration applied",
                 tree=tree.name,
                 revision=record.revision,
@@ -398,7 +393,7 @@ class Migrator:
             error = _failure(tree.name, direction, destination, tracker.running, exc)
             # The error is raised to the caller; this line is for log-based alerting,
             # without the traceback the caller will print anyway.
-            _logger().error(
+            logger.error(  # noqa: TRY400 -- the caller prints the traceback; see above
                 "migration failed",
                 tree=tree.name,
                 revision=error.revision,

@@ -22,7 +22,6 @@ from bastion.errors import (
 )
 from bastion.lifecycle import Lifecycle
 from bastion.observability import (
-    AccessLogger,
     HealthRegistry,
     RequestMiddleware,
     configure_logging,
@@ -59,7 +58,6 @@ class Bastion:
     database: Database | None
     redis: Any
     migrator: Migrator | None
-    access_log: AccessLogger | None
 
 
 def install(app: Starlette, *, settings: Settings | None = None, **overrides: Any) -> Bastion:
@@ -106,7 +104,7 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
     redis = _install_redis(settings, lifecycle, health)
     migrator = _install_migrations(settings, lifecycle, database)
 
-    runtime = Bastion(settings, lifecycle, health, database, redis, migrator, access_log)
+    runtime = Bastion(settings, lifecycle, health, database, redis, migrator)
     app.state.bastion = runtime
 
     probes = health.routes(settings.health.path_prefix) if settings.health.enabled else []

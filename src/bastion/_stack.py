@@ -195,7 +195,7 @@ def _install_migrations(
                 "app", settings.migrations.app_tree, settings.migrations.app_version_table
             )
         )
-    migrator = Migrator(database, trees)
+    migrator = Migrator(database, trees, allow_destructive=settings.migrations.allow_destructive)
     mode = settings.migration_mode
     if mode == "off":
         return migrator

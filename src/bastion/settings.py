@@ -35,6 +35,7 @@ __all__ = [
     "DatabaseSettings",
     "HealthSettings",
     "HttpSettings",
+    "IsolationLevel",
     "LoggingSettings",
     "MigrationsSettings",
     "RedisSettings",
@@ -93,6 +94,10 @@ def _sql_url(value: SecretStr) -> SecretStr:
     return value
 
 
+IsolationLevel = Literal["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE", "READ UNCOMMITTED"]
+"""A transaction isolation level, as SQLAlchemy names them."""
+
+
 def _upper(value: Any) -> Any:
     return value.upper() if isinstance(value, str) else value
 
@@ -124,6 +129,13 @@ class HttpSettings(SharedStateSection):
 
     problem_type_base: str = "urn:bastion:problem:"
     """Prefix of every problem ``type`` URI; the code's slug is appended."""
+    admin_allowed_networks: Annotated[list[str], AfterValidator(_networks)] = Field(
+        default_factory=lambda: ["127.0.0.1/32", "::1/128"]
+    )
+    """CIDRs allowed to call ``/admin/*``; empty allows every caller (then set a token)."""
+    admin_token: SecretStr | None = None
+    """When set, ``/admin/*`` needs ``Authorization: Bearer <token>`` (until the
+    identity component's admin role takes over)."""
 
 
 class ServerSettings(_Section):
@@ -231,6 +243,21 @@ class DatabaseSettings(SectionSettings):
     """Seconds to wait for a new connection to be established."""
     echo: bool = False
     """Log every SQL statement (development only: statements can carry personal data)."""
+    isolation_level: Annotated[IsolationLevel | None, BeforeValidator(_upper)] = None
+    """Isolation of :func:`bastion.data.transaction` units that name none; ``None``
+    keeps the database's own default (PostgreSQL: READ COMMITTED)."""
+    transaction_attempts: int = Field(default=3, ge=1, le=20)
+    """Attempts :func:`bastion.data.run_transaction` makes on serialization failures,
+    deadlocks and SQLite busy errors, the first included."""
+    retry_initial_backoff: Seconds = 0.05
+    """Seconds before the first re-run; doubled each attempt, with full jitter."""
+    retry_max_backoff: Seconds = 1.0
+    """Upper bound on the wait between two attempts, in seconds."""
+    slow_query_threshold: Seconds = 0.1
+    """Statements slower than this many seconds are logged (template only) and counted."""
+    pool_wait_warning: Seconds = 0.1
+    """Waiting longer than this many seconds for a pooled connection logs a warning
+    (at most one every 10 seconds)."""
 
 
 class RedisSettings(SectionSettings):
@@ -252,6 +279,11 @@ class MigrationsSettings(SectionSettings):
     """The host app's Alembic scripts as ``package:directory`` or a filesystem path."""
     app_version_table: str = "alembic_version"
     """Version table of the host app's tree (bastion's own is ``bastion_alembic_version``)."""
+    lock_timeout: Seconds = 300.0
+    """Seconds a migration run waits for another instance's run to finish before failing."""
+    allow_destructive: bool = False
+    """Apply revisions that drop or rename tables or columns or narrow a type without
+    the revision declaring it (``destroys = [...]``). Prefer the declaration."""
 
 
 class EventsSettings(SectionSettings):

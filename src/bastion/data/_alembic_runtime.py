@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from alembic.script import ScriptDirectory
     from sqlalchemy.engine import URL, Connection
 
+    from bastion.data._destructive import DestructiveGuard
+
 __all__ = [
     "Plan",
     "StepTracker",
@@ -105,19 +107,23 @@ def run_online(
     plan: Plan,
     *,
     tracker: StepTracker,
+    guard: DestructiveGuard,
     destination: str,
 ) -> None:
     """Run a tree's ``env.py`` on ``connection``, applying the steps ``plan`` yields.
 
     Each step runs in its own transaction (``transaction_per_migration``) that
     also records the new version, so a step that fails leaves neither its
-    changes nor its version row.
+    changes nor its version row. ``guard`` sees every operation and refuses
+    undeclared destruction before it runs.
     """
 
     def steps(heads: Sequence[str], _context: MigrationContext) -> Iterator[RevisionStep]:
-        return tracker.follow(plan(heads))
+        for step in tracker.follow(plan(heads)):
+            guard.begin_step(step)
+            yield step
 
-    with transactional_ddl(connection) as transactional:
+    with transactional_ddl(connection) as transactional, guard.watching(connection):
         config.attributes["connection"] = connection
         config.attributes["transactional_ddl"] = transactional
         with EnvironmentContext(config, script, fn=steps, destination_rev=destination):

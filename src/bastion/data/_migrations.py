@@ -43,6 +43,8 @@ from bastion.data._alembic_script import (
     script_directory,
     upgrade_plan,
 )
+from bastion.data._destructive import DestructiveGuard
+from bastion.data._errors import MigrationError
 from bastion.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -72,23 +74,6 @@ BASTION_SCRIPT_LOCATION: Final = "bastion.data:migrations"
 _HEAD_TARGETS: Final = frozenset({"head", "heads"})
 
 Direction = Literal["upgrade", "downgrade"]
-
-
-class MigrationError(ConfigurationError):
-    """A migration could not be read, planned or run; start-up stops with its message.
-
-    Args:
-        message: one line naming the tree, the revision and the cause.
-        tree: the tree concerned, when there is one.
-        revision: the revision that failed or was asked for, when known.
-    """
-
-    def __init__(
-        self, message: str, *, tree: str | None = None, revision: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.tree = tree
-        self.revision = revision
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,11 +198,18 @@ class Migrator:
         ConfigurationError: two trees share a name or a version table.
     """
 
-    def __init__(self, database: Database, trees: Sequence[MigrationTree]) -> None:
+    def __init__(
+        self,
+        database: Database,
+        trees: Sequence[MigrationTree],
+        *,
+        allow_destructive: bool = False,
+    ) -> None:
         _check_distinct("name", [tree.name for tree in trees])
         _check_distinct("version table", [tree.version_table for tree in trees])
         self.database = database
         self.trees: tuple[MigrationTree, ...] = tuple(trees)
+        self.allow_destructive = allow_destructive
 
     def tree(self, name: str) -> MigrationTree:
         """Return the tree called ``name``.
@@ -262,7 +254,11 @@ class Migrator:
             return revisions(_scripts(selected))
 
     async def upgrade(
-        self, revision: str = "head", *, tree: str | None = None
+        self,
+        revision: str = "head",
+        *,
+        tree: str | None = None,
+        allow_destructive: bool | None = None,
     ) -> list[AppliedRevision]:
         """Apply pending revisions, each in its own transaction.
 
@@ -275,6 +271,8 @@ class Migrator:
             revision: ``head``, ``heads``, or a revision id (relative ones such
                 as ``+1`` need ``tree``).
             tree: limit the upgrade to this tree.
+            allow_destructive: consent to every destructive change of this run;
+                ``None`` takes the migrator's ``allow_destructive``.
 
         Returns:
             The revisions applied, in order; empty when nothing was pending.
@@ -284,18 +282,25 @@ class Migrator:
                 committed before the failure stay applied.
         """
         targets = self._upgrade_targets(revision, tree)
+        allow = self.allow_destructive if allow_destructive is None else allow_destructive
         applied: list[AppliedRevision] = []
         async with self._migrating_connection() as connection:
             for selected, destination in targets:
-                applied += await self._run(connection, selected, "upgrade", destination)
+                applied += await self._run(
+                    connection, selected, "upgrade", destination, allow=allow
+                )
         return applied
 
-    async def downgrade(self, tree: str, revision: str) -> list[AppliedRevision]:
+    async def downgrade(
+        self, tree: str, revision: str, *, allow_destructive: bool | None = None
+    ) -> list[AppliedRevision]:
         """Revert one tree to ``revision`` (``base`` reverts every revision).
 
         Args:
             tree: the tree to downgrade.
             revision: the revision to end at, ``base``, or relative such as ``-1``.
+            allow_destructive: as for :meth:`upgrade`; a downgrade that drops what
+                its upgrade created is destructive too.
 
         Returns:
             The revisions reverted, in order.
@@ -304,8 +309,9 @@ class Migrator:
             MigrationError: naming the tree and revision that failed.
         """
         selected = self.tree(tree)
+        allow = self.allow_destructive if allow_destructive is None else allow_destructive
         async with self._migrating_connection() as connection:
-            return await self._run(connection, selected, "downgrade", revision)
+            return await self._run(connection, selected, "downgrade", revision, allow=allow)
 
     async def sql(
         self, revision: str = "head", *, tree: str | None = None, downgrade: bool = False
@@ -365,6 +371,8 @@ class Migrator:
         tree: MigrationTree,
         direction: Direction,
         destination: str,
+        *,
+        allow: bool,
     ) -> list[AppliedRevision]:
         applied: list[AppliedRevision] = []
 
@@ -380,6 +388,7 @@ class Migrator:
             )
 
         tracker = StepTracker(done)
+        guard = DestructiveGuard(tree=tree.name, direction=direction, allow=allow)
         with _wrapped(tree.name, destination, f"{direction} to {destination!r}"):
             script = _scripts(tree)
         planner = upgrade_plan if direction == "upgrade" else downgrade_plan
@@ -387,7 +396,13 @@ class Migrator:
         config = alembic_config(tree.directory(), tree.version_table)
         try:
             await connection.run_sync(
-                run_online, config, script, plan, tracker=tracker, destination=destination
+                run_online,
+                config,
+                script,
+                plan,
+                tracker=tracker,
+                guard=guard,
+                destination=destination,
             )
         except Exception as exc:
             error = _failure(tree.name, direction, destination, tracker.running, exc)

@@ -52,14 +52,26 @@ PUBLIC_NAMES = {
     "bastion.data": [
         "AppliedRevision",
         "Database",
+        "DestructiveChange",
+        "DestructiveChangeRefused",
+        "HistoryRecord",
+        "LintFinding",
         "MigrationError",
         "MigrationTree",
         "Migrator",
+        "RetryPolicy",
+        "RevisionCheck",
         "RevisionInfo",
+        "TransactionConflict",
         "TreeStatus",
+        "VerificationReport",
+        "lint_tree",
         "run_alembic_env",
+        "run_transaction",
+        "transaction",
+        "use_database",
     ],
-    "bastion.testing": ["lifespan_client"],
+    "bastion.testing": ["QueryCounter", "count_queries", "lifespan_client"],
 }
 
 

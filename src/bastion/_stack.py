@@ -10,9 +10,13 @@ from typing import Any
 
 import structlog
 from starlette.applications import Starlette
+from starlette.routing import BaseRoute
 
+from bastion._access import AccessPolicy
+from bastion._admin import AdminRoutes
 from bastion.backends import import_optional, redact_url
 from bastion.data import Database, MigrationTree, Migrator
+from bastion.data._transaction import default_database, use_database
 from bastion.errors import (
     PROBLEM_SCHEMA,
     ConfigurationError,
@@ -111,6 +115,7 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
     # The middleware answers GET and HEAD on the probes; at the router's end the same
     # routes give other methods a 405 with Allow, and cost app requests nothing.
     app.router.routes.extend(probes)
+    app.router.routes.extend(_admin_routes(settings, migrator))
     install_exception_handlers(app)
     app.add_middleware(
         RequestMiddleware,
@@ -149,11 +154,18 @@ def _install_database(
     database = Database(settings.database)
     health.register("database", database.ping)
 
-    async def log_database() -> None:
+    async def start_database() -> None:
+        use_database(database)
         logger.info("database configured", url=database.display_url, kind=database.kind.value)
 
-    lifecycle.on_startup("database", log_database, priority=PRIORITY_POOLS)
-    lifecycle.on_shutdown("close database pool", database.aclose, priority=PRIORITY_POOLS)
+    async def close_database() -> None:
+        # Another app in the process may have become the default since.
+        if default_database() is database:
+            use_database(None)
+        await database.aclose()
+
+    lifecycle.on_startup("database", start_database, priority=PRIORITY_POOLS)
+    lifecycle.on_shutdown("close database pool", close_database, priority=PRIORITY_POOLS)
     return database
 
 
@@ -195,26 +207,55 @@ def _install_migrations(
                 "app", settings.migrations.app_tree, settings.migrations.app_version_table
             )
         )
-    migrator = Migrator(database, trees, allow_destructive=settings.migrations.allow_destructive)
     mode = settings.migration_mode
+    migrator = Migrator(
+        database,
+        trees,
+        allow_destructive=settings.migrations.allow_destructive,
+        lock_timeout=settings.migrations.lock_timeout,
+    )
     if mode == "off":
         return migrator
+    if mode == "auto":
+        # What the migration history says applied the revisions; `bastion migrate`
+        # sets its own name on the same migrator.
+        migrator.tool = "start-up (auto)"
 
     async def migrate() -> None:
         if mode == "auto":
+            # Verifies the applied revisions first, under the migration lock, and
+            # refuses, naming them, when one was modified.
             await migrator.upgrade()
             return
+        problems: list[str] = []
+        modified = (await migrator.verify()).modified
+        if modified:
+            problems.append(
+                "applied migration revision(s) modified since they were applied: "
+                + ", ".join(check.name for check in modified)
+                + "; see `bastion migrate verify`"
+            )
         pending = await migrator.pending()
         named = [f"{tree}:{rev}" for tree, revisions in pending.items() for rev in revisions]
         if named:
-            raise ConfigurationError(
+            problems.append(
                 "pending migrations (migrations.mode=check): "
                 + ", ".join(named)
                 + "; run `bastion migrate upgrade`"
             )
+        if problems:
+            raise ConfigurationError("; ".join(problems))
 
     lifecycle.on_startup(f"migrations ({mode})", migrate, priority=PRIORITY_MIGRATIONS)
     return migrator
+
+
+def _admin_routes(settings: Settings, migrator: Migrator | None) -> list[BaseRoute]:
+    token = settings.http.admin_token
+    access = AccessPolicy(
+        settings.http.admin_allowed_networks, token.get_secret_value() if token else None
+    )
+    return list(AdminRoutes(access=access, migrator=migrator).routes())
 
 
 LifespanFactory = Callable[[Any], AbstractAsyncContextManager[Any]]

@@ -2,6 +2,9 @@
 
 Every row that belongs to a tenant carries ``tenant_id``, and every query the
 API runs filters on it; that filter is the isolation boundary between tenants.
+Indexes follow two rules: every foreign key's columns lead an index (or the
+primary key or a unique constraint), and every list endpoint's sort key follows
+``tenant_id`` in one, so a page is read from the index in order.
 
 A user belongs to exactly one tenant, and email addresses are unique within a
 tenant, not globally: a global constraint would let one tenant learn, through
@@ -180,7 +183,9 @@ class Document(Base):
     body: Mapped[str] = mapped_column(Text)
     # JSONB on PostgreSQL so tag filters can use containment and a GIN index later.
     tags: Mapped[list[str]] = mapped_column(JSON().with_variant(JSONB(), "postgresql"))
-    created_by: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"))
+    # Indexed: a foreign key's own side gets no index by itself, and without one every
+    # delete of a user would scan documents to check the reference.
+    created_by: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
     updated_at: Mapped[datetime] = mapped_column(default=utc_now)
     version: Mapped[int] = mapped_column(Integer, default=1)

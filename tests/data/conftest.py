@@ -54,20 +54,30 @@ def _migration_databases() -> Iterator[dict[str, str]]:
         asyncio.run(_pg_execute(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+def _empty_postgres(session_url: str, created: dict[str, str]) -> str:
+    url = make_url(session_url)
+    name = f"{url.database}_migrations"
+    admin = url.set(database="postgres").render_as_string(hide_password=False)
+    target = url.set(database=name).render_as_string(hide_password=False)
+    if name not in created:
+        asyncio.run(_pg_execute(admin, f'CREATE DATABASE "{name}"'))
+        created[name] = admin
+    asyncio.run(_pg_execute(target, "DROP SCHEMA public CASCADE", "CREATE SCHEMA public"))
+    return target
+
+
 @pytest.fixture
 def db_url(database_url: str, _migration_databases: dict[str, str]) -> str:
     """An empty database, on SQLite and on PostgreSQL (ids follow ``database_url``)."""
     if database_url.startswith("sqlite"):
         return database_url
-    url = make_url(database_url)
-    name = f"{url.database}_migrations"
-    admin = url.set(database="postgres").render_as_string(hide_password=False)
-    target = url.set(database=name).render_as_string(hide_password=False)
-    if name not in _migration_databases:
-        asyncio.run(_pg_execute(admin, f'CREATE DATABASE "{name}"'))
-        _migration_databases[name] = admin
-    asyncio.run(_pg_execute(target, "DROP SCHEMA public CASCADE", "CREATE SCHEMA public"))
-    return target
+    return _empty_postgres(database_url, _migration_databases)
+
+
+@pytest.fixture
+def pg_db_url(postgres_url: str, _migration_databases: dict[str, str]) -> str:
+    """An empty PostgreSQL database, for behaviour only PostgreSQL has (advisory locks)."""
+    return _empty_postgres(postgres_url, _migration_databases)
 
 
 @pytest.fixture

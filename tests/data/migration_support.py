@@ -92,3 +92,42 @@ def with_database(url: str, action: Callable[[Database], Awaitable[T]]) -> T:
             await db.aclose()
 
     return asyncio.run(run())
+
+
+HISTORY_TABLE = "bastion_migration_history"
+
+
+async def history_rows(db: Database) -> list[dict]:
+    """Every row of the migration history, oldest first; empty when the table does not exist."""
+    if HISTORY_TABLE not in await table_names(db):
+        return []
+    async with db.engine.connect() as connection:
+        rows = await connection.execute(text(f"SELECT * FROM {HISTORY_TABLE} ORDER BY id"))  # noqa: S608 -- fixed test names
+        return [dict(row) for row in rows.mappings()]
+
+
+async def schema_snapshot(db: Database) -> dict:
+    """Tables with columns and indexes, plus every version table's and the history's rows."""
+
+    def inspect_schema(sync) -> dict:
+        inspector = inspect(sync)
+        return {
+            table: {
+                "columns": [
+                    (column["name"], str(column["type"]), column["nullable"])
+                    for column in inspector.get_columns(table)
+                ],
+                "indexes": sorted(
+                    (index["name"], tuple(index["column_names"]))
+                    for index in inspector.get_indexes(table)
+                ),
+            }
+            for table in sorted(inspector.get_table_names())
+        }
+
+    async with db.engine.connect() as connection:
+        schema = await connection.run_sync(inspect_schema)
+    versions = {
+        table: await version_rows(db, table) for table in schema if table.endswith("_version")
+    }
+    return {"schema": schema, "versions": versions, "history": await history_rows(db)}

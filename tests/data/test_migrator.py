@@ -25,6 +25,7 @@ from structlog.testing import capture_logs
 
 from bastion.data import (
     AppliedRevision,
+    Database,
     MigrationError,
     MigrationTree,
     Migrator,
@@ -32,6 +33,7 @@ from bastion.data import (
     TreeStatus,
 )
 from bastion.errors import ConfigurationError
+from bastion.settings import DatabaseSettings
 
 BASTION_HEAD = "0001_baseline"
 
@@ -53,11 +55,13 @@ def migrator(database, app_tree):
 
 class TestBastionTree:
     async def test_upgrade_creates_bastion_version_table(self, database):
-        """Upgrading bastion's tree records its baseline in bastion_alembic_version only."""
+        """Upgrading bastion's tree creates only its version table and the history table."""
         applied = await Migrator(database, [MigrationTree.bastion()]).upgrade()
 
         assert [("bastion", BASTION_HEAD)] == applied_ids(applied)
-        assert ["bastion_alembic_version"] == await table_names(database)
+        assert ["bastion_alembic_version", "bastion_migration_history"] == await table_names(
+            database
+        )
         assert [BASTION_HEAD] == await version_rows(database, "bastion_alembic_version")
 
     async def test_upgrade_is_idempotent(self, database):
@@ -182,7 +186,7 @@ class TestDowngrade:
         """Downgrading to a1 reverts a2 only."""
         await migrator.upgrade()
 
-        reverted = await migrator.downgrade("app", "a1")
+        reverted = await migrator.downgrade("app", "a1", allow_destructive=True)
 
         assert [("app", "a2")] == applied_ids(reverted)
         assert "downgrade" == reverted[0].direction
@@ -193,7 +197,7 @@ class TestDowngrade:
         """Downgrading to base reverts every revision of that tree and no other."""
         await migrator.upgrade()
 
-        reverted = await migrator.downgrade("app", "base")
+        reverted = await migrator.downgrade("app", "base", allow_destructive=True)
 
         assert [("app", "a2"), ("app", "a1")] == applied_ids(reverted)
         assert [] == await version_rows(database, "app_version")
@@ -243,6 +247,18 @@ class TestFailure:
 
         with pytest.raises(MigrationError, match="ghost"):
             await migrator.status()
+
+    @pytest.mark.parametrize("call", ["status", "verify", "upgrade", "applied_history", "sql"])
+    async def test_unreachable_database_is_a_migration_error(self, call):
+        """Every call that reads the database wraps a refused connection in a MigrationError."""
+        unreachable = "postgresql+asyncpg://nobody@127.0.0.1:1/none"
+        db = Database(DatabaseSettings(url=unreachable, connect_timeout=1))
+        migrator = Migrator(db, [MigrationTree.bastion()])
+        try:
+            with pytest.raises(MigrationError, match=r"cannot .*ConnectionRefusedError"):
+                await getattr(migrator, call)()
+        finally:
+            await db.aclose()
 
     def test_location_without_env_py(self, tmp_path):
         """A location that is not an Alembic directory is a configuration error."""
@@ -354,7 +370,8 @@ class TestPlainAlembicCommand:
 
         command.upgrade(self.config(MigrationTree.bastion().directory()), "head")
 
-        assert ["bastion_alembic_version"] == with_database(db_url, table_names)
+        expected = ["bastion_alembic_version", "bastion_migration_history"]
+        assert expected == with_database(db_url, table_names)
 
     def test_offline_mode(self, make_tree, db_url, monkeypatch):
         """`alembic upgrade --sql` renders for the configured database's dialect."""

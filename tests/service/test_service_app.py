@@ -198,10 +198,13 @@ class TestSchema:
                 names = await connection.run_sync(lambda c: inspect(c).get_table_names())
             return sorted(set(names) & set(metadata.tables))
 
-        reverted = await migrator.downgrade("app", "base")
-        assert (["0001"], []) == ([r.revision for r in reverted], await service_tables())
+        reverted = await migrator.downgrade("app", "base", allow_destructive=True)
+        assert (["0002", "0001"], []) == (
+            [r.revision for r in reverted],
+            await service_tables(),
+        )
         reapplied = await migrator.upgrade()
-        assert (["0001"], ["documents", "tenants", "users"]) == (
+        assert (["0001", "0002"], ["documents", "tenants", "users"]) == (
             [r.revision for r in reapplied],
             await service_tables(),
         )

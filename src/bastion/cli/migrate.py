@@ -1,9 +1,10 @@
-"""``bastion migrate``: status, upgrade, downgrade and history of the migration trees.
+"""``bastion migrate``: status, upgrade, downgrade, history and verify of the migration trees.
 
 Each verb loads the app (so its trees and settings are the app's own), calls one
 method of :class:`bastion.data.Migrator`, and prints: a table for people, JSON
 with ``--json``. Logs go to standard error, so standard output carries only
-the table, the JSON or the SQL.
+the table, the JSON or the SQL. Exit status: 0 done, 1 the answer is "no"
+(pending revisions, modified revisions), 2 a configuration or database error.
 """
 
 from __future__ import annotations
@@ -22,7 +23,15 @@ from rich.table import Table
 from bastion._stack import Bastion
 from bastion.cli import app
 from bastion.cli._app import fail, load_runtime
-from bastion.data import AppliedRevision, Migrator, RevisionInfo, TreeStatus
+from bastion.data import (
+    AppliedRevision,
+    HistoryRecord,
+    Migrator,
+    RevisionCheck,
+    RevisionInfo,
+    TreeStatus,
+    VerificationReport,
+)
 from bastion.errors import ConfigurationError
 from bastion.observability import configure_logging
 from bastion.settings import load_settings
@@ -53,6 +62,13 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of 
 SqlOption = Annotated[
     bool,
     typer.Option("--sql", help="Print the SQL instead of running it; the database is only read."),
+]
+AllowDestructiveOption = Annotated[
+    bool,
+    typer.Option(
+        "--allow-destructive",
+        help="Consent to revisions that drop or rename tables or columns, for this run.",
+    ),
 ]
 
 
@@ -86,19 +102,32 @@ def upgrade(
             metavar="REVISION", help="head, heads, or a revision id (with --tree for +1 and such)."
         ),
     ] = "head",
+    *,
     tree: Annotated[
         str | None, typer.Option("--tree", help="Only this tree (bastion, app...).")
     ] = None,
     sql: SqlOption = False,
+    allow_destructive: AllowDestructiveOption = False,
     spec: AppOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Apply pending revisions: bastion's tree first, then the app's."""
+    """Apply pending revisions: bastion's tree first, then the app's.
+
+    Holds the database's migration lock for the whole run: a second upgrade
+    started meanwhile waits (up to migrations.lock_timeout), then finds nothing
+    to do. Refuses to run when an applied revision was modified (see verify).
+    """
     if sql:
         text = _run(spec, lambda migrator: migrator.sql(revision, tree=tree))
         _print_sql(text, as_json=as_json)
         return
-    applied = _run(spec, lambda migrator: migrator.upgrade(revision, tree=tree))
+    applied = _run(
+        spec,
+        lambda migrator: migrator.upgrade(
+            revision, tree=tree, allow_destructive=_consent(allow_destructive)
+        ),
+        tool="bastion migrate upgrade",
+    )
     _print_applied(applied, as_json=as_json, nothing="Nothing to apply: every tree is up to date.")
 
 
@@ -110,16 +139,24 @@ def downgrade(
     revision: Annotated[
         str, typer.Argument(metavar="REVISION", help="The revision to end at, base, or -1.")
     ],
+    *,
     sql: SqlOption = False,
+    allow_destructive: AllowDestructiveOption = False,
     spec: AppOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Revert one tree to an earlier revision."""
+    """Revert one tree to an earlier revision (a downgrade that drops needs --allow-destructive)."""
     if sql:
         text = _run(spec, lambda migrator: migrator.sql(revision, tree=tree, downgrade=True))
         _print_sql(text, as_json=as_json)
         return
-    applied = _run(spec, lambda migrator: migrator.downgrade(tree, revision))
+    applied = _run(
+        spec,
+        lambda migrator: migrator.downgrade(
+            tree, revision, allow_destructive=_consent(allow_destructive)
+        ),
+        tool="bastion migrate downgrade",
+    )
     _print_applied(applied, as_json=as_json, nothing="Nothing to revert.")
 
 
@@ -134,39 +171,110 @@ def history(
     spec: AppOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """List revisions, oldest first, as the script files declare them."""
+    """List revisions, oldest first: when, by whom and how fast each was applied, and its checksum.
 
-    async def read(migrator: Migrator) -> list[tuple[str, list[RevisionInfo]]]:
+    Checksum: ok (the file is as applied), modified (edited since), unrecorded
+    (applied with no history row), pending (not applied).
+    """
+
+    async def read(migrator: Migrator) -> tuple[list[tuple[str, list[RevisionInfo]]], Checks]:
         names = [tree] if tree is not None else [t.name for t in migrator.trees]
-        return [(name, migrator.history(name)) for name in names]
+        report = await migrator.verify(tree=tree)
+        return [(name, migrator.history(name)) for name in names], _by_name(report)
 
-    trees = _run(spec, read)
+    trees, checks = _run(spec, read)
     if as_json:
         _echo_json(
             {
                 "revisions": [
-                    {"tree": name, **dataclasses.asdict(revision)}
+                    {
+                        "tree": name,
+                        **dataclasses.asdict(revision),
+                        **_applied_json(checks.get((name, revision.id))),
+                    }
                     for name, revisions in trees
                     for revision in revisions
                 ]
             }
         )
         return
-    table = Table("Tree", "Revision", "Revises", "Message")
+    table = Table(
+        "Tree", "Revision", "Revises", "Message", "Applied at", "By", "Tool", "ms", "Checksum"
+    )
     for name, revisions in trees:
         for revision in revisions:
             label = f"{revision.id} (head)" if revision.is_head else revision.id
-            table.add_row(name, label, _joined(revision.down_revision, "base"), revision.message)
+            check = checks.get((name, revision.id))
+            record = check.record if check else None
+            table.add_row(
+                name,
+                label,
+                _joined(revision.down_revision, "base"),
+                revision.message,
+                *_record_cells(record),
+                check.state if check else "pending",
+            )
     _console().print(table)
 
 
-def _run(spec: str | None, action: Callable[[Migrator], Awaitable[T]]) -> T:
-    """Load the app, run ``action`` on its migrator, and close the pool it opened."""
+@migrate_app.command()
+def verify(
+    accept: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--accept",
+            metavar="[TREE:]REVISION",
+            help="Record the current checksum of this edited revision after review (repeatable).",
+            show_default=False,
+        ),
+    ] = None,
+    spec: AppOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Check that no applied revision file changed since it was applied.
+
+    Exits 1 naming each modified revision, 0 otherwise (unrecorded revisions,
+    applied with no history row, are listed but do not fail), 2 on a
+    configuration or database error. --accept REV records the file's current
+    checksum after the edit was reviewed, then verifies.
+    """
+    accepted_names = accept or []
+
+    async def check(migrator: Migrator) -> tuple[list[HistoryRecord], VerificationReport]:
+        accepted: list[HistoryRecord] = []
+        for tree_name, revisions in _accept_targets(migrator, accepted_names).items():
+            accepted += await migrator.accept(tree_name, revisions)
+        return accepted, await migrator.verify()
+
+    accepted, report = _run(spec, check, tool="bastion migrate verify --accept")
+    if as_json:
+        _echo_json(
+            {
+                "ok": report.ok,
+                "accepted": [_record_json(record) for record in accepted],
+                "revisions": [_check_json(check) for check in report.checks],
+            }
+        )
+    else:
+        _print_verification(report, accepted)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _run(
+    spec: str | None, action: Callable[[Migrator], Awaitable[T]], *, tool: str | None = None
+) -> T:
+    """Load the app, run ``action`` on its migrator, and close the pool it opened.
+
+    ``tool`` is what the migration history records as having made the change.
+    """
     try:
         runtime = load_runtime(spec or load_settings().server.app)
         if runtime.settings.logging.enabled:
             configure_logging(runtime.settings.logging, stream=sys.stderr.buffer)
         migrator = _migrator_of(runtime)
+        if tool is not None:
+            migrator.tool = tool
 
         async def call() -> T:
             try:
@@ -185,6 +293,28 @@ def _migrator_of(runtime: Bastion) -> Migrator:
             "migrations are off for this app (database.enabled or migrations.enabled is false)"
         )
     return runtime.migrator
+
+
+def _consent(flag: bool) -> bool | None:
+    # Without the flag, the migrator's own setting (migrations.allow_destructive) stands.
+    return True if flag else None
+
+
+Checks = dict[tuple[str, str], RevisionCheck]
+
+
+def _by_name(report: VerificationReport) -> Checks:
+    return {(check.tree, check.revision): check for check in report.checks}
+
+
+def _accept_targets(migrator: Migrator, names: list[str]) -> dict[str, list[str]]:
+    """Group ``[TREE:]REVISION`` arguments by tree; a bare revision names the tree holding it."""
+    targets: dict[str, list[str]] = {}
+    for name in names:
+        tree, separator, revision = name.rpartition(":")
+        owner = migrator.tree(tree).name if separator else migrator.tree_of(revision).name
+        targets.setdefault(owner, []).append(revision)
+    return targets
 
 
 def _console() -> Console:
@@ -237,6 +367,64 @@ def _print_applied(applied: list[AppliedRevision], *, as_json: bool, nothing: st
     for step in applied:
         table.add_row(step.tree, step.revision, step.direction, f"{step.duration_ms:.1f}")
     console.print(table)
+
+
+def _record_cells(record: HistoryRecord | None) -> tuple[str, str, str, str]:
+    if record is None:
+        return ("-", "-", "-", "-")
+    return (
+        record.applied_at.isoformat(timespec="seconds"),
+        record.applied_by,
+        record.tool,
+        f"{record.duration_ms:.1f}",
+    )
+
+
+def _record_json(record: HistoryRecord) -> dict[str, Any]:
+    return {**dataclasses.asdict(record), "applied_at": record.applied_at.isoformat()}
+
+
+def _applied_json(check: RevisionCheck | None) -> dict[str, Any]:
+    record = check.record if check else None
+    return {
+        "state": check.state if check else "pending",
+        "checksum": check.checksum if check else None,
+        "applied": _record_json(record) if record else None,
+    }
+
+
+def _check_json(check: RevisionCheck) -> dict[str, Any]:
+    return {
+        "tree": check.tree,
+        "revision": check.revision,
+        "state": check.state,
+        "checksum": check.checksum,
+        "recorded_checksum": check.record.checksum if check.record else None,
+    }
+
+
+def _print_verification(report: VerificationReport, accepted: list[HistoryRecord]) -> None:
+    console = _console()
+    for record in accepted:
+        console.print(f"Accepted the current checksum of {record.tree}:{record.revision}.")
+    table = Table("Tree", "Revision", "State")
+    for check in report.checks:
+        table.add_row(check.tree, check.revision, check.state)
+    console.print(table)
+    if report.modified:
+        names = ", ".join(check.name for check in report.modified)
+        console.print(
+            f"Modified since applied: {names}. Restore the file and write a new revision, "
+            "or review the edit and run `bastion migrate verify --accept REVISION`."
+        )
+    if report.unrecorded:
+        console.print(
+            f"{len(report.unrecorded)} revision(s) applied with no history row "
+            "(before checksums were kept, or by a tool that bypassed env.py); "
+            "`--accept` records their current checksum."
+        )
+    if report.ok:
+        console.print("No applied revision was modified.")
 
 
 def _print_sql(text: str, *, as_json: bool) -> None:

@@ -1,9 +1,9 @@
 """What runs against a connection: reading a tree's version, applying steps, rendering SQL.
 
 Everything here is synchronous, as Alembic is; :class:`bastion.data.Migrator`
-calls it through ``AsyncConnection.run_sync``. The migration lock and the
-detection of destructive changes belong here when the migration-safety issue
-adds them, because both act on the migrating connection.
+calls it through ``AsyncConnection.run_sync``. The history row of each
+revision and the detection of destructive changes hook in here, because both
+act on the migrating connection inside each revision's transaction.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import URL, Connection
 
     from bastion.data._destructive import DestructiveGuard
+    from bastion.data._history import HistoryRecorder
 
 __all__ = [
     "Plan",
@@ -108,24 +109,28 @@ def run_online(
     *,
     tracker: StepTracker,
     guard: DestructiveGuard,
+    history: HistoryRecorder,
     destination: str,
 ) -> None:
     """Run a tree's ``env.py`` on ``connection``, applying the steps ``plan`` yields.
 
     Each step runs in its own transaction (``transaction_per_migration``) that
-    also records the new version, so a step that fails leaves neither its
-    changes nor its version row. ``guard`` sees every operation and refuses
-    undeclared destruction before it runs.
+    also records the new version and the step's history row (``history``, which
+    :func:`bastion.data.run_alembic_env` hands to Alembic), so a step that fails
+    leaves neither its changes nor its version row nor a history row. ``guard``
+    sees every operation and refuses undeclared destruction before it runs.
     """
 
     def steps(heads: Sequence[str], _context: MigrationContext) -> Iterator[RevisionStep]:
         for step in tracker.follow(plan(heads)):
             guard.begin_step(step)
+            history.begin_step()
             yield step
 
     with transactional_ddl(connection) as transactional, guard.watching(connection):
         config.attributes["connection"] = connection
         config.attributes["transactional_ddl"] = transactional
+        config.attributes["history"] = history
         with EnvironmentContext(config, script, fn=steps, destination_rev=destination):
             script.run_env()
         # Reading the version table opened a transaction; with nothing to apply it

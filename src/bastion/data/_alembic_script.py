@@ -1,13 +1,14 @@
 """What is on disk: a migration tree's scripts, resolved and read without a database.
 
 The split follows alembic's own ``script/`` and ``runtime/``: this module knows
-files (where a tree lives, its revisions, the plan between two revisions);
-:mod:`bastion.data._alembic_runtime` knows connections. Checksums of revision
-files belong here when the migration-safety issue adds them.
+files (where a tree lives, its revisions, the plan between two revisions, the
+checksum of a revision file); :mod:`bastion.data._alembic_runtime` knows
+connections.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import re
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alembic.config import Config
-from alembic.script import ScriptDirectory
+from alembic.script import Script, ScriptDirectory
 
 from bastion.errors import ConfigurationError
 
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 __all__ = [
     "RevisionInfo",
     "alembic_config",
+    "applied_revisions",
+    "checksum",
     "downgrade_plan",
     "resolve_location",
     "revisions",
@@ -133,6 +136,33 @@ def downgrade_plan(
 ) -> list[RevisionStep]:
     """Return the steps that take ``current`` down to ``destination``, in order."""
     return script._downgrade_revs(destination, tuple(current))  # type: ignore[arg-type]  # as in upgrade_plan
+
+
+def applied_revisions(script: ScriptDirectory, heads: Sequence[str]) -> list[Script]:
+    """Return the revisions a database at ``heads`` has applied, oldest first.
+
+    Those are the heads and every ancestor of theirs (dependencies included).
+
+    Raises:
+        alembic.script.revision.ResolutionError: a head is not on disk.
+    """
+    found = [
+        revision
+        for revision in script.iterate_revisions(tuple(heads), "base")
+        if isinstance(revision, Script)
+    ]
+    found.reverse()
+    return found
+
+
+def checksum(revision: Script) -> str:
+    """Return the SHA-256 (hex) of a revision's file, line endings normalised to LF.
+
+    A checkout with CRLF line endings (git on Windows) is the same revision, not
+    an edit, so the bytes are hashed after replacing CRLF with LF.
+    """
+    content = Path(revision.path).read_bytes().replace(b"\r\n", b"\n")
+    return hashlib.sha256(content).hexdigest()
 
 
 def _as_tuple(value: str | Sequence[str] | None) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.pool import NullPool
 
 from bastion.backends import BackendKind, backend_kind, import_optional, redact_url
+from bastion.data._instrumentation import InstrumentedQueuePool, instrument
 from bastion.errors import ConfigurationError
 from bastion.settings import DatabaseSettings
 
@@ -27,8 +28,15 @@ __all__ = ["Database"]
 class Database:
     """The engine and session factory every component shares.
 
+    The engine's pool and statements are measured: ``db_client_connection_*``
+    gauges and wait times labelled with ``name``, a duration histogram by SQL
+    verb, and a rate-limited warning when callers queue for a connection or a
+    statement is slower than ``settings.slow_query_threshold``.
+
     Args:
         settings: the ``database`` section.
+        name: the ``db_client_connection_pool_name`` label of this database's
+            pool metrics; give each ``Database`` of a process its own.
 
     Example:
         >>> db = Database(DatabaseSettings(url="sqlite+aiosqlite:///./var/app.db"))
@@ -37,12 +45,14 @@ class Database:
         >>> await db.aclose()
     """
 
-    def __init__(self, settings: DatabaseSettings) -> None:
+    def __init__(self, settings: DatabaseSettings, *, name: str = "default") -> None:
         self.settings = settings
+        self.name = name
         url = async_url(settings.url.get_secret_value())
         self.kind = backend_kind(url)
         self.display_url = redact_url(url)
         self.engine: AsyncEngine = _create_engine(url, settings, self.kind)
+        instrument(self.engine, name=name, settings=settings)
         self.sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(
             self.engine, expire_on_commit=False
         )
@@ -84,13 +94,22 @@ def async_url(url: str) -> str:
 
 
 def _create_engine(url: str, settings: DatabaseSettings, kind: BackendKind) -> AsyncEngine:
-    options: dict[str, Any] = {"echo": settings.echo, "pool_pre_ping": settings.pool_pre_ping}
+    # The pool SQLAlchemy picks for PostgreSQL and SQLite files, measured.
+    options: dict[str, Any] = {
+        "echo": settings.echo,
+        "pool_pre_ping": settings.pool_pre_ping,
+        "poolclass": InstrumentedQueuePool,
+    }
     if kind is BackendKind.SQLITE:
         _ensure_directory(url)
         options["connect_args"] = {"timeout": settings.connect_timeout}
         if ":memory:" in url or url.rstrip("/").endswith("sqlite+aiosqlite:"):
             # Each pooled connection to :memory: would be a separate empty database.
             options["poolclass"] = NullPool
+        else:
+            # pool_size and max_overflow stay SQLAlchemy's (5 and 10) on SQLite, as
+            # their settings say; how long a caller may queue applies to any pool.
+            options["pool_timeout"] = settings.pool_timeout
         engine = create_async_engine(url, **options)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -23,6 +24,10 @@ from bastion.errors import (
 )
 
 __all__ = ["install_exception_handlers", "problem_response"]
+
+# The caller already queued for database.pool_timeout; a few seconds more let the
+# burst that exhausted the pool drain (the admin routes answer a 503 alike).
+_POOL_RETRY_AFTER = "5"
 
 _DEFAULT_DETAIL = {
     ErrorCode.NOT_FOUND: "No resource exists at this path.",
@@ -80,10 +85,23 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     return problem_response(body, 422)
 
 
+async def _pool_timeout(request: Request, exc: Exception) -> Response:
+    # An exhausted pool is overload, not a bug: a retryable 503 rather than a 500.
+    # The pool already logged it (rate-limited) and counted it; SQLAlchemy's message
+    # describes the pool's sizes, which the client has no use for.
+    body = problem_body(
+        ErrorCode.SERVICE_UNAVAILABLE,
+        "No database connection became free in time; retry shortly.",
+        _correlation_id(),
+    )
+    return problem_response(body, 503, {"Retry-After": _POOL_RETRY_AFTER})
+
+
 def install_exception_handlers(app: Starlette) -> None:
     """Register bastion's renderers on a Starlette or FastAPI app."""
     app.add_exception_handler(BastionError, _bastion_error)
     app.add_exception_handler(HTTPException, _http_exception)
+    app.add_exception_handler(PoolTimeout, _pool_timeout)
     try:
         from fastapi.exceptions import RequestValidationError  # noqa: PLC0415 -- optional
     except ImportError:  # pragma: no cover -- fastapi is a dependency today

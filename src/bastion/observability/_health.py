@@ -8,8 +8,6 @@ every registered check concurrently, each bounded by its timeout, and answers
 from __future__ import annotations
 
 import asyncio
-import hmac
-import ipaddress
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -20,13 +18,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from bastion._access import AccessPolicy
 from bastion.context import current_context
 from bastion.errors import ErrorCode, problem_body
 from bastion.lifecycle import Lifecycle
 from bastion.observability._handlers import problem_response
 from bastion.observability._logging import LogMasker
 
-__all__ = ["HealthCheck", "HealthRegistry"]
+__all__ = ["HealthCheck", "HealthRegistry", "operational_route"]
 
 CheckFn = Callable[[], Awaitable[object]]
 _ERROR_LIMIT = 200
@@ -68,8 +67,7 @@ class HealthRegistry:
         self._lifecycle = lifecycle
         self._checks: dict[str, HealthCheck] = {}
         self._default_timeout = default_timeout
-        self._networks = [ipaddress.ip_network(net, strict=False) for net in allowed_networks]
-        self._token = token.encode() if token else None
+        self._access = AccessPolicy(allowed_networks, token)
 
     def register(
         self, name: str, check: CheckFn, *, critical: bool = True, timeout: float | None = None
@@ -120,22 +118,7 @@ class HealthRegistry:
 
     def allowed(self, request: Request) -> bool:
         """Return whether the caller may read the probes (allow-list and token)."""
-        if self._networks:
-            host = request.client.host if request.client else None
-            try:
-                address = ipaddress.ip_address(host or "")
-            except ValueError:
-                return False
-            if not any(address in network for network in self._networks):
-                return False
-        if self._token is not None:
-            # The scheme is case-insensitive (RFC 9110); the token is compared in
-            # constant time so its prefix cannot be found by timing probes.
-            scheme, _, supplied = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer":
-                return False
-            return hmac.compare_digest(supplied.strip().encode(), self._token)
-        return True
+        return self._access.allows(request)
 
     async def live(self, request: Request) -> Response:
         """``GET /health/live``."""
@@ -157,19 +140,23 @@ class HealthRegistry:
     def routes(self, prefix: str) -> list[Route]:
         """Return the probe routes, mounted under ``prefix``."""
         prefix = prefix.rstrip("/")
-        return [_route(f"{prefix}/live", self.live), _route(f"{prefix}/ready", self.ready)]
+        return [
+            operational_route(f"{prefix}/live", self.live),
+            operational_route(f"{prefix}/ready", self.ready),
+        ]
 
 
-def _route(path: str, endpoint: Callable[[Request], Awaitable[Response]]) -> Route:
+def operational_route(path: str, endpoint: Callable[[Request], Awaitable[Response]]) -> Route:
+    """Return a GET route for an operational endpoint, kept out of the OpenAPI schema."""
     # FastAPI's router records scope["route"] (which the access log and metrics read
     # for the route template) only for its own APIRoutes, not for a Starlette Route.
     route: Route
 
-    async def probe(request: Request) -> Response:
+    async def operational(request: Request) -> Response:
         request.scope.setdefault("route", route)
         return await endpoint(request)
 
-    route = Route(path, probe, methods=["GET"], include_in_schema=False)
+    route = Route(path, operational, methods=["GET"], include_in_schema=False)
     return route
 
 

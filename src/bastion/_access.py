@@ -1,0 +1,64 @@
+"""Who may call an operational endpoint: an allow-list of networks and a bearer token."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from collections.abc import Sequence
+from enum import Enum
+
+from starlette.requests import Request
+
+__all__ = ["AccessDecision", "AccessPolicy"]
+
+
+class AccessDecision(Enum):
+    """The outcome of :meth:`AccessPolicy.decide`."""
+
+    ALLOWED = "allowed"
+    NETWORK_DENIED = "network_denied"
+    TOKEN_MISSING = "token_missing"  # noqa: S105 -- an outcome's name, not a secret
+    TOKEN_INVALID = "token_invalid"  # noqa: S105 -- an outcome's name, not a secret
+
+
+class AccessPolicy:
+    """Admits callers from allowed networks that present the token, when one is set.
+
+    Args:
+        allowed_networks: CIDRs the peer address must fall in; empty admits every peer.
+        token: the bearer token callers must present; ``None`` asks for none.
+
+    Example:
+        >>> policy = AccessPolicy(["127.0.0.1/32"], token=None)
+        >>> policy.allows(request)
+        True
+    """
+
+    def __init__(self, allowed_networks: Sequence[str] = (), token: str | None = None) -> None:
+        self._networks = [ipaddress.ip_network(net, strict=False) for net in allowed_networks]
+        self._token = token.encode() if token else None
+
+    def decide(self, request: Request) -> AccessDecision:
+        """Return whether ``request`` is admitted and, if not, why."""
+        if self._networks:
+            host = request.client.host if request.client else None
+            try:
+                address = ipaddress.ip_address(host or "")
+            except ValueError:
+                return AccessDecision.NETWORK_DENIED
+            if not any(address in network for network in self._networks):
+                return AccessDecision.NETWORK_DENIED
+        if self._token is None:
+            return AccessDecision.ALLOWED
+        # The scheme is case-insensitive (RFC 9110); the token is compared in
+        # constant time so its prefix cannot be found by timing probes.
+        scheme, _, supplied = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not supplied.strip():
+            return AccessDecision.TOKEN_MISSING
+        if hmac.compare_digest(supplied.strip().encode(), self._token):
+            return AccessDecision.ALLOWED
+        return AccessDecision.TOKEN_INVALID
+
+    def allows(self, request: Request) -> bool:
+        """Return whether ``request`` is admitted."""
+        return self.decide(request) is AccessDecision.ALLOWED

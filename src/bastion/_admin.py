@@ -1,0 +1,121 @@
+"""Admin endpoints under ``/admin``: the migration state, for operators and dashboards.
+
+Until the identity component exists, the endpoints admit callers by the
+``http.admin_allowed_networks`` allow-list (loopback by default) and the
+``http.admin_token`` bearer token; once it does, they also need the admin role.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import orjson
+import structlog
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from bastion._access import AccessDecision, AccessPolicy
+from bastion.data import MigrationError, Migrator
+from bastion.errors import FieldError, Forbidden, InvalidInput, ServiceUnavailable, Unauthenticated
+from bastion.observability._health import operational_route
+
+__all__ = ["ADMIN_PREFIX", "AdminRoutes"]
+
+logger = structlog.get_logger("bastion.admin")
+
+ADMIN_PREFIX: Final = "/admin"
+DEFAULT_HISTORY_LIMIT: Final = 100
+MAX_HISTORY_LIMIT: Final = 1000
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+class AdminRoutes:
+    """The ``/admin`` endpoints of one app.
+
+    Args:
+        access: who may call them.
+        migrator: the app's migrator; ``None`` leaves ``/admin/migrations`` out.
+    """
+
+    def __init__(self, *, access: AccessPolicy, migrator: Migrator | None) -> None:
+        self._access = access
+        self._migrator = migrator
+
+    def routes(self) -> list[Route]:
+        """Return the routes to append to the app's router."""
+        if self._migrator is None:
+            return []
+        return [operational_route(f"{ADMIN_PREFIX}/migrations", self._guarded(self.migrations))]
+
+    async def migrations(self, request: Request) -> Response:
+        """``GET /admin/migrations``: each tree's current and pending revisions, and history.
+
+        ``?limit=N`` (1-1000, default 100) bounds the history, newest first.
+        """
+        assert self._migrator is not None  # noqa: S101 -- routes() mounts it only with one
+        limit = _limit(request.query_params.get("limit"))
+        try:
+            statuses = await self._migrator.status()
+            history = await self._migrator.applied_history(limit=limit)
+        except MigrationError as exc:
+            # The message can name the database host; the operator finds it in the log.
+            logger.warning("migration state unreadable", error=str(exc))
+            raise ServiceUnavailable(
+                "The migration state cannot be read from the database now.",
+                headers={"Retry-After": "5"},
+            ) from exc
+        body: dict[str, Any] = {
+            "up_to_date": all(status.up_to_date for status in statuses),
+            "trees": [
+                {
+                    "name": status.name,
+                    "version_table": status.version_table,
+                    "current": status.current,
+                    "heads": status.heads,
+                    "pending": status.pending,
+                    "up_to_date": status.up_to_date,
+                }
+                for status in statuses
+            ],
+            "history": history,
+        }
+        return Response(
+            orjson.dumps(body),
+            media_type="application/json",
+            headers={"cache-control": "no-store"},
+        )
+
+    def _guarded(self, endpoint: Endpoint) -> Endpoint:
+        access = self._access
+
+        async def guarded(request: Request) -> Response:
+            decision = access.decide(request)
+            if decision is AccessDecision.NETWORK_DENIED:
+                raise Forbidden("The admin endpoints are restricted to allowed networks.")
+            if decision is not AccessDecision.ALLOWED:
+                raise Unauthenticated(
+                    "The admin endpoints need a valid bearer token.",
+                    headers={"WWW-Authenticate": 'Bearer realm="bastion-admin"'},
+                )
+            return await endpoint(request)
+
+        return guarded
+
+
+def _limit(raw: str | None) -> int:
+    if raw is None:
+        return DEFAULT_HISTORY_LIMIT
+    if raw.isascii() and raw.isdigit() and 1 <= int(raw) <= MAX_HISTORY_LIMIT:
+        return int(raw)
+    raise InvalidInput(
+        errors=[
+            FieldError(
+                "query.limit",
+                "out_of_range",
+                f"limit must be a whole number from 1 to {MAX_HISTORY_LIMIT}.",
+            )
+        ]
+    )

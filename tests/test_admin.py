@@ -33,6 +33,28 @@ class TestMigrationsEndpoint:
         assert {"upgrade"} <= {entry["direction"] for entry in ours}
         assert all(entry["checksum"] for entry in ours)
 
+    async def test_names_an_edited_applied_revision(self, tmp_path):
+        """An applied revision whose file changed is listed under ``modified``."""
+        tree = tmp_path / "tree"
+        (tree / "versions").mkdir(parents=True)
+        (tree / "env.py").write_text(
+            "from bastion.data import run_alembic_env\n\nrun_alembic_env()\n"
+        )
+        revision = tree / "versions" / "a1.py"
+        revision.write_text(
+            'revision = "a1"\ndown_revision = None\n\n\ndef upgrade():\n    pass\n\n\n'
+            "def downgrade():\n    pass\n"
+        )
+        app = make_app(
+            f"sqlite+aiosqlite:///{tmp_path}/app.db",
+            migrations={"mode": "auto", "app_tree": str(tree)},
+        )
+        async with lifespan_client(app) as client:
+            assert [] == (await client.get("/admin/migrations")).json()["modified"]
+            revision.write_text(revision.read_text() + "# edited after release\n")
+            body = (await client.get("/admin/migrations")).json()
+        assert ["app:a1"] == body["modified"]
+
     async def test_lists_pending_revisions(self, sqlite_url):
         """With start-up migrations off, the endpoint names the revisions still pending."""
         app = make_app(sqlite_url, migrations={"mode": "off"})

@@ -51,7 +51,7 @@ class AdminRoutes:
         return [operational_route(f"{ADMIN_PREFIX}/migrations", self._guarded(self.migrations))]
 
     async def migrations(self, request: Request) -> Response:
-        """``GET /admin/migrations``: each tree's current and pending revisions, and history.
+        """``GET /admin/migrations``: each tree's state, edited applied revisions, and history.
 
         ``?limit=N`` (1-1000, default 100) bounds the history, newest first.
         """
@@ -59,6 +59,7 @@ class AdminRoutes:
         limit = _limit(request.query_params.get("limit"))
         try:
             statuses = await self._migrator.status()
+            verification = await self._migrator.verify()
             history = await self._migrator.applied_history(limit=limit)
         except MigrationError as exc:
             # The message can name the database host; the operator finds it in the log.
@@ -80,6 +81,8 @@ class AdminRoutes:
                 }
                 for status in statuses
             ],
+            # Applied revisions whose file changed since: start-up refuses while any is.
+            "modified": [check.name for check in verification.modified],
             "history": history,
         }
         return Response(

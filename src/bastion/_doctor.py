@@ -396,7 +396,7 @@ def _store_checks(settings: Settings, timeout: float) -> list[Awaitable[Finding]
 
 
 async def check_migrations(runtime: Bastion, database: Finding | None = None) -> Finding:
-    """Ask the app's migrator which revisions are pending.
+    """Ask the app's migrator whether applied revisions were edited and which are pending.
 
     Args:
         runtime: what ``bastion.install`` put on the app.
@@ -409,15 +409,26 @@ async def check_migrations(runtime: Bastion, database: Finding | None = None) ->
     if database is not None and database.status is not Status.OK:
         return Finding("migrations", Status.NOTE, "not checked: the database is not reachable yet")
     try:
+        verification = await migrator.verify()
         pending = await migrator.pending()
     except Exception as exc:  # noqa: BLE001 -- a migrator that cannot tell is a warning
         return Finding(
             "migrations", Status.WARNING, f"cannot tell what is pending: {_describe(exc)}"
         )
+    mode = runtime.settings.migration_mode
+    if verification.modified:
+        edited = ", ".join(check.name for check in verification.modified)
+        refuses = "start-up refuses to serve" if mode != "off" else "upgrades refuse to run"
+        return Finding(
+            "migrations",
+            Status.FAILURE,
+            f"applied revision(s) edited since they ran: {edited}; {refuses}",
+            "restore the file(s) and write a new revision, or review the edit and run "
+            "`bastion migrate verify --accept REVISION`",
+        )
     named = [f"{tree}:{revision}" for tree, revisions in pending.items() for revision in revisions]
     if not named:
         return Finding("migrations", Status.OK, "every migration tree is at its head")
-    mode = runtime.settings.migration_mode
     listed = f"{len(named)} pending ({', '.join(named)})"
     status, consequence = _PENDING[mode]
     fix = None if mode == "auto" else "run `bastion migrate upgrade`"

@@ -291,7 +291,8 @@ def _freeze_startup_objects() -> None:
     gc.freeze()
 
 
-_ALWAYS = problem_responses(ErrorCode.INTERNAL)
+# Any operation can answer 500, and 503 (shutting down, or the database pool exhausted).
+_ALWAYS = problem_responses(ErrorCode.INTERNAL, ErrorCode.SERVICE_UNAVAILABLE)
 _VALIDATION = problem_responses(ErrorCode.INVALID_INPUT)
 
 
@@ -319,6 +320,7 @@ def _document_errors(app: Starlette) -> None:
                 if "422" in responses:
                     responses["422"] = _merge(responses["422"], _VALIDATION[422])
                 responses.setdefault("500", _ALWAYS[500])
+                responses.setdefault("503", _ALWAYS[503])
         fastapi_app.openapi_schema = schema
         return schema
 

@@ -11,12 +11,15 @@ The tree::
     ├── InvalidInput                INVALID_INPUT (422), carries field errors
     ├── NotFound                    NOT_FOUND (404)
     ├── Conflict                    CONFLICT (409)
+    │   └── data.TransactionConflict    a unit still conflicting after its last attempt
     ├── Forbidden                   FORBIDDEN (403)
     ├── Unauthenticated             UNAUTHENTICATED (401)
     ├── PreconditionFailed          PRECONDITION_FAILED (412)
     ├── ServiceUnavailable          SERVICE_UNAVAILABLE (503)
     ├── DependencyFailure           DEPENDENCY_FAILURE (502)
     └── ConfigurationError          not an HTTP error: stops start-up
+        └── data.MigrationError     a migration cannot be read, planned or run
+            └── data.DestructiveChangeRefused
 
 Codes are public API: add codes, never rename them.
 """

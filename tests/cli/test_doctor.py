@@ -9,7 +9,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from fastapi import FastAPI
 
+import bastion
 from bastion._doctor import (
     Finding,
     Report,
@@ -18,6 +20,7 @@ from bastion._doctor import (
     check_migrations,
     check_tcp,
 )
+from bastion.data import VerificationReport
 from bastion.settings import Settings
 
 CLOSED_PORT_PG = "postgresql+asyncpg://postgres@127.0.0.1:1/nowhere"
@@ -223,7 +226,7 @@ class TestMigrations:
         """A migrator whose pending() raises is a warning, not a crash."""
 
         class Unfinished:
-            async def pending(self):
+            async def verify(self):
                 raise NotImplementedError("not there yet")
 
         runtime = SimpleNamespace(migrator=Unfinished(), settings=Settings())
@@ -244,6 +247,9 @@ class TestMigrations:
         """Pending revisions: a note under auto, a failure under check, a warning under off."""
 
         class Behind:
+            async def verify(self):
+                return VerificationReport(checks=())
+
             async def pending(self):
                 return {"bastion": ["0002_tables"], "app": []}
 
@@ -251,6 +257,35 @@ class TestMigrations:
         finding = await check_migrations(runtime)
         assert expected == finding.status
         assert "1 pending (bastion:0002_tables)" in finding.detail
+
+    async def test_edited_applied_revision_is_a_failure(self, tmp_path):
+        """An applied revision edited since it ran is a failure naming it, with the fix."""
+        tree = tmp_path / "tree"
+        (tree / "versions").mkdir(parents=True)
+        (tree / "env.py").write_text(
+            "from bastion.data import run_alembic_env\n\nrun_alembic_env()\n"
+        )
+        revision = tree / "versions" / "a1.py"
+        revision.write_text(
+            'revision = "a1"\ndown_revision = None\n\n\ndef upgrade():\n    pass\n\n\n'
+            "def downgrade():\n    pass\n"
+        )
+        app = FastAPI()
+        runtime = bastion.install(
+            app,
+            database={"url": f"sqlite+aiosqlite:///{tmp_path}/app.db"},
+            migrations={"app_tree": str(tree)},
+            logging={"enabled": False},
+        )
+        try:
+            await runtime.migrator.upgrade()
+            revision.write_text(revision.read_text() + "# edited\n")
+            finding = await check_migrations(runtime)
+        finally:
+            await runtime.database.aclose()
+        assert Status.FAILURE == finding.status
+        assert "app:a1" in finding.detail
+        assert "bastion migrate verify --accept" in finding.fix
 
 
 class TestReport:

@@ -238,13 +238,14 @@ class TestProblemTypeBase:
 
 class TestOpenApi:
     def test_document_describes_errors_as_problems(self):
-        """The OpenAPI document shows 422 and 500 as Problem bodies with their codes."""
+        """The OpenAPI document shows 422, 500 and 503 as Problem bodies with their codes."""
         app = fastapi_app()
         bastion.install(app, database={"enabled": False}, logging={"enabled": False})
         schema = app.openapi()
         responses = schema["paths"]["/items/{item_id}"]["post"]["responses"]
         assert ["INVALID_INPUT"] == responses["422"]["x-error-codes"]
         assert ["INTERNAL"] == responses["500"]["x-error-codes"]
+        assert ["SERVICE_UNAVAILABLE"] == responses["503"]["x-error-codes"]
         assert {PROBLEM} == set(responses["422"]["content"])
         assert "Problem" in schema["components"]["schemas"]
         assert "HTTPValidationError" not in schema["components"]["schemas"]

@@ -18,27 +18,46 @@ from bastion_docs.models import Document, metadata
 
 PROBLEM = "application/problem+json"
 
-# Every code each operation can answer with. INTERNAL (500) is bastion's addition
-# to every operation, INVALID_INPUT (422) to every one that takes input.
+# Every code each operation can answer with. INTERNAL (500) and SERVICE_UNAVAILABLE (503)
+# are bastion's additions to every operation, INVALID_INPUT (422) to every one that
+# takes input.
 EXPECTED_CODES = {
-    ("post", "/v1/tenants"): {"CONFLICT", "INVALID_INPUT", "INTERNAL"},
+    ("post", "/v1/tenants"): {"CONFLICT", "INVALID_INPUT", "INTERNAL", "SERVICE_UNAVAILABLE"},
     # No parameters and no body: nothing to validate, so no 422.
-    ("get", "/v1/tenants/current"): {"UNAUTHENTICATED", "NOT_FOUND", "INTERNAL"},
-    ("get", "/v1/users/me"): {"UNAUTHENTICATED", "NOT_FOUND", "INTERNAL"},
+    ("get", "/v1/tenants/current"): {
+        "UNAUTHENTICATED",
+        "NOT_FOUND",
+        "INTERNAL",
+        "SERVICE_UNAVAILABLE",
+    },
+    ("get", "/v1/users/me"): {"UNAUTHENTICATED", "NOT_FOUND", "INTERNAL", "SERVICE_UNAVAILABLE"},
     ("post", "/v1/users"): {
         "UNAUTHENTICATED",
         "FORBIDDEN",
         "CONFLICT",
         "INVALID_INPUT",
         "INTERNAL",
+        "SERVICE_UNAVAILABLE",
     },
-    ("post", "/v1/documents"): {"UNAUTHENTICATED", "FORBIDDEN", "INVALID_INPUT", "INTERNAL"},
-    ("get", "/v1/documents"): {"UNAUTHENTICATED", "INVALID_INPUT", "INTERNAL"},
+    ("post", "/v1/documents"): {
+        "UNAUTHENTICATED",
+        "FORBIDDEN",
+        "INVALID_INPUT",
+        "INTERNAL",
+        "SERVICE_UNAVAILABLE",
+    },
+    ("get", "/v1/documents"): {
+        "UNAUTHENTICATED",
+        "INVALID_INPUT",
+        "INTERNAL",
+        "SERVICE_UNAVAILABLE",
+    },
     ("get", "/v1/documents/{document_id}"): {
         "UNAUTHENTICATED",
         "NOT_FOUND",
         "INVALID_INPUT",
         "INTERNAL",
+        "SERVICE_UNAVAILABLE",
     },
     ("patch", "/v1/documents/{document_id}"): {
         "UNAUTHENTICATED",
@@ -46,6 +65,7 @@ EXPECTED_CODES = {
         "NOT_FOUND",
         "INVALID_INPUT",
         "INTERNAL",
+        "SERVICE_UNAVAILABLE",
     },
     ("delete", "/v1/documents/{document_id}"): {
         "UNAUTHENTICATED",
@@ -53,6 +73,7 @@ EXPECTED_CODES = {
         "NOT_FOUND",
         "INVALID_INPUT",
         "INTERNAL",
+        "SERVICE_UNAVAILABLE",
     },
 }
 

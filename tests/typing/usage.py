@@ -16,7 +16,7 @@ from starlette.applications import Starlette
 
 import bastion
 from bastion.context import RequestContext
-from bastion.data import Database
+from bastion.data import Database, run_transaction, transaction
 from bastion.errors import (
     PROBLEM_CONTENT_TYPE,
     BastionError,
@@ -30,7 +30,7 @@ from bastion.errors import (
 from bastion.lifecycle import Lifecycle, Phase
 from bastion.observability import HealthRegistry
 from bastion.settings import Settings, load_settings
-from bastion.testing import lifespan_client
+from bastion.testing import QueryCounter, count_queries, lifespan_client
 
 
 def install_on_fastapi() -> FastAPI:
@@ -133,3 +133,23 @@ def configuration_error() -> str:
     except ConfigurationError as exc:
         return str(exc)
     return ""
+
+
+async def transactions(database: Database) -> int:
+    async with transaction("SERIALIZABLE", database=database) as session:
+        assert_type(session, AsyncSession)
+
+    async def transfer(session: AsyncSession, amount: int) -> int:
+        await session.execute(text("SELECT 1"))
+        return amount
+
+    moved = await run_transaction(transfer, 5, isolation="SERIALIZABLE", attempts=5)
+    assert_type(moved, int)
+    return moved
+
+
+def queries_counted(database: Database) -> int:
+    with count_queries(database) as queries:
+        pass
+    assert_type(queries, QueryCounter)
+    return queries.count

@@ -203,6 +203,15 @@ class TestDowngrade:
             last["tool"],
         )
 
+    def test_relative_target_needs_no_separator(self, cli, db_url):
+        """``downgrade app -1`` reverts one revision: -1 is a target, not an option."""
+        cli("upgrade")
+
+        result = cli("downgrade", "app", "-1", "--allow-destructive")
+
+        assert 0 == result.exit_code, result.output
+        assert ["a1"] == with_database(db_url, lambda db: version_rows(db, "app_version"))
+
     def test_reverts_one_tree(self, cli, db_url):
         """downgrade TREE REVISION reverts that tree only."""
         cli("upgrade")

@@ -131,7 +131,9 @@ def upgrade(
     _print_applied(applied, as_json=as_json, nothing="Nothing to apply: every tree is up to date.")
 
 
-@migrate_app.command()
+# Relative targets such as -1 look like options to click; with unknown options
+# left as arguments, `bastion migrate downgrade app -1` works without a `--`.
+@migrate_app.command(context_settings={"ignore_unknown_options": True})
 def downgrade(
     tree: Annotated[
         str, typer.Argument(metavar="TREE", help="The tree to downgrade (bastion, app...).")

@@ -210,7 +210,10 @@ class DestructiveGuard:
     def _refusal(self, step: _Step, change: DestructiveChange) -> DestructiveChangeRefused:
         if self.direction == "downgrade":
             outcome = "nothing of the revision was reverted"
-            how = "a downgrade is consented to only by running it with --allow-destructive"
+            how = (
+                "run it with --allow-destructive (or migrations.allow_destructive=true); "
+                "a revision's declaration covers its upgrade only"
+            )
         elif step.declared:
             outcome = "nothing of the revision was applied"
             how = (

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
+import structlog
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -25,9 +27,11 @@ from bastion.errors import (
 
 __all__ = ["install_exception_handlers", "problem_response"]
 
+logger = structlog.get_logger("bastion.request")
+
 # The caller already queued for database.pool_timeout; a few seconds more let the
 # burst that exhausted the pool drain (the admin routes answer a 503 alike).
-_POOL_RETRY_AFTER = "5"
+_RETRY_AFTER = "5"
 
 _DEFAULT_DETAIL = {
     ErrorCode.NOT_FOUND: "No resource exists at this path.",
@@ -94,7 +98,27 @@ async def _pool_timeout(request: Request, exc: Exception) -> Response:
         "No database connection became free in time; retry shortly.",
         _correlation_id(),
     )
-    return problem_response(body, 503, {"Retry-After": _POOL_RETRY_AFTER})
+    return problem_response(body, 503, {"Retry-After": _RETRY_AFTER})
+
+
+async def _connection_lost(request: Request, exc: Exception) -> Response:
+    # A dependency that cannot be reached (connection refused or reset, or a
+    # database connection the driver found dead) is an outage, not a bug: the
+    # client may retry, and readiness is already failing for the load balancer.
+    # Every other database error is a bug and stays a 500.
+    if isinstance(exc, DBAPIError) and not exc.connection_invalidated:
+        raise exc
+    logger.warning(
+        "dependency unreachable",
+        error=type(exc.orig if isinstance(exc, DBAPIError) else exc).__name__,
+        method=request.method,
+    )
+    body = problem_body(
+        ErrorCode.SERVICE_UNAVAILABLE,
+        "A service this request needs cannot be reached; retry shortly.",
+        _correlation_id(),
+    )
+    return problem_response(body, 503, {"Retry-After": _RETRY_AFTER})
 
 
 def install_exception_handlers(app: Starlette) -> None:
@@ -102,6 +126,8 @@ def install_exception_handlers(app: Starlette) -> None:
     app.add_exception_handler(BastionError, _bastion_error)
     app.add_exception_handler(HTTPException, _http_exception)
     app.add_exception_handler(PoolTimeout, _pool_timeout)
+    app.add_exception_handler(ConnectionError, _connection_lost)
+    app.add_exception_handler(DBAPIError, _connection_lost)
     try:
         from fastapi.exceptions import RequestValidationError  # noqa: PLC0415 -- optional
     except ImportError:  # pragma: no cover -- fastapi is a dependency today

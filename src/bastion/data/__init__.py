@@ -1,4 +1,4 @@
-"""Data: the shared engine and sessions, and the migration trees (bastion's own and the app's)."""
+"""Data: the shared engine and pool, transactions that retry, and migrations."""
 
 from bastion.data._alembic_env import run_alembic_env
 from bastion.data._destructive import DestructiveChange, DestructiveChangeRefused

@@ -15,6 +15,7 @@ import collections
 import logging
 import os
 import secrets
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -157,3 +158,13 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Itera
         if type(handler).__name__ == "_SinkHandler":
             root.removeHandler(handler)
     logging.getLogger("uvicorn.access").disabled = False
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """Path of Prometheus's promtool (Debian package ``prometheus``; ``.ci/run`` installs it)."""
+    path = shutil.which("promtool")
+    if path is None:
+        _service_unavailable("promtool", "not on PATH (apt-get install prometheus)")
+    assert path is not None
+    return path

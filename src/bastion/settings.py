@@ -37,11 +37,13 @@ __all__ = [
     "HttpSettings",
     "IsolationLevel",
     "LoggingSettings",
+    "MetricsSettings",
     "MigrationsSettings",
     "RedisSettings",
     "SectionSettings",
     "ServerSettings",
     "Settings",
+    "TracingSettings",
     "load_settings",
 ]
 
@@ -176,11 +178,49 @@ class LoggingSettings(SectionSettings):
 
 
 class MetricsSettings(SectionSettings):
-    """Prometheus metrics (a later issue fills this section in)."""
+    """Prometheus metrics and the ``/metrics`` endpoint."""
+
+    path: str = "/metrics"
+    """Where the scrape endpoint is served."""
+    allowed_networks: Annotated[list[str], AfterValidator(_networks)] = Field(default_factory=list)
+    """CIDRs allowed to scrape; empty allows every caller."""
+    token: SecretStr | None = None
+    """When set, scrapes need ``Authorization: Bearer <token>``."""
+    multiprocess_dir: str | None = None
+    """Directory where worker processes write their metrics so one scrape sees the
+    whole instance; ``None``: ``PROMETHEUS_MULTIPROC_DIR`` when set, else a fresh
+    directory that ``bastion serve`` creates when ``server.workers`` > 1."""
+    tenant_label: bool = False
+    """Add a ``tenant`` label to the HTTP metrics, bounded by ``tenant_label_limit``."""
+    tenant_label_limit: int = Field(default=20, ge=1, le=1000)
+    """Distinct tenants labelled per process; later ones are counted as ``other``."""
 
 
 class TracingSettings(SectionSettings):
-    """OpenTelemetry tracing (a later issue fills this section in)."""
+    """OpenTelemetry traces: a span per request and per outbound call, W3C Trace Context."""
+
+    service_name: str = "bastion"
+    """``service.name`` of the spans' resource."""
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Share of new traces recorded (parent-based: an inbound sampled flag wins)."""
+    exporter: Literal["none", "otlp-http", "otlp-grpc"] = "none"
+    """Where spans go. ``none`` still makes spans, so their ids reach the logs."""
+    endpoint: str | None = None
+    """OTLP endpoint, e.g. ``http://collector:4318`` (HTTP) or ``http://collector:4317``
+    (gRPC); ``None`` uses the exporter's default."""
+    headers: SecretStr | None = None
+    """OTLP headers as ``key=value,key2=value2`` (often an API key)."""
+    trace_operational: bool = False
+    """Trace ``/health/*`` and ``/metrics`` too (off: probes would drown real traffic)."""
+    trace_database: bool = True
+    """A child span per database statement."""
+    trace_redis: bool = True
+    """A child span per Redis command."""
+    trace_http_client: bool = True
+    """A client span per outbound httpx request, with ``traceparent`` injected."""
+    conformance_endpoint: bool = False
+    """Serve ``POST /_conformance/tracecontext`` for the W3C test harness. It makes
+    outbound calls to URLs the caller chooses: never on in production."""
 
 
 class HealthSettings(SectionSettings):

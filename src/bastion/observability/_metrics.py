@@ -19,6 +19,11 @@ from typing import Final
 from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
+    "AUTH_ATTEMPTS",
+    "AUTH_LOCKOUTS",
+    "CACHE_REQUESTS",
+    "CIRCUIT_STATE",
+    "CIRCUIT_TRANSITIONS",
     "DB_CONNECTION_COUNT",
     "DB_CONNECTION_MAX",
     "DB_CONNECTION_OVERFLOW",
@@ -29,7 +34,17 @@ __all__ = [
     "DB_SLOW_QUERIES",
     "DB_TRANSACTION_FAILURES",
     "DB_TRANSACTION_RETRIES",
+    "HEALTH_CHECK_UP",
+    "HTTP_ACTIVE_REQUESTS",
+    "HTTP_REQUEST_BODY_SIZE",
+    "HTTP_REQUEST_DURATION",
+    "HTTP_RESPONSE_BODY_SIZE",
     "MIGRATIONS_APPLIED",
+    "OUTBOX_LAG",
+    "OUTBOX_PENDING",
+    "RATELIMIT_DECISIONS",
+    "READY",
+    "RETRIES",
 ]
 
 # Sub-millisecond buckets matter for SQLite and a local PostgreSQL; the top ones
@@ -103,4 +118,98 @@ MIGRATIONS_APPLIED: Final = Counter(
     "bastion_migrations_applied_total",
     "Revisions applied or reverted by this process, by tree and direction.",
     ["tree", "direction"],
+)
+
+# --- HTTP server (OpenTelemetry semantic conventions) -------------------------------
+# Labels: http_request_method (a known method or _OTHER), http_route (the route
+# template, never the raw path; unmatched requests share one value),
+# http_response_status_code.
+_HTTP_BUCKETS: Final = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+)  # fmt: skip
+_SIZE_BUCKETS: Final = (0, 100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000)
+
+HTTP_REQUEST_DURATION: Final = Histogram(
+    "http_server_request_duration_seconds",
+    "Duration of HTTP server requests.",
+    ["http_request_method", "http_route", "http_response_status_code"],
+    buckets=_HTTP_BUCKETS,
+)
+HTTP_ACTIVE_REQUESTS: Final = Gauge(
+    "http_server_active_requests",
+    "HTTP server requests in flight.",
+    ["http_request_method"],
+    multiprocess_mode="livesum",
+)
+HTTP_REQUEST_BODY_SIZE: Final = Histogram(
+    "http_server_request_body_size_bytes",
+    "Size of HTTP request bodies.",
+    ["http_request_method", "http_route"],
+    buckets=_SIZE_BUCKETS,
+)
+HTTP_RESPONSE_BODY_SIZE: Final = Histogram(
+    "http_server_response_body_size_bytes",
+    "Size of HTTP response bodies.",
+    ["http_request_method", "http_route"],
+    buckets=_SIZE_BUCKETS,
+)
+
+# --- Health ---------------------------------------------------------------------------
+READY: Final = Gauge(
+    "bastion_ready",
+    "1 when the last readiness probe passed, 0 when it failed or shutdown began.",
+    multiprocess_mode="liveall",
+)
+HEALTH_CHECK_UP: Final = Gauge(
+    "bastion_health_check_up",
+    "1 when the dependency's last readiness check passed, else 0.",
+    ["check"],
+    multiprocess_mode="liveall",
+)
+
+# --- Components of later issues: names fixed now, so dashboards and alerts hold -----
+CACHE_REQUESTS: Final = Counter(
+    "bastion_cache_requests_total",
+    "Cache and store lookups by cache and result (hit or miss).",
+    ["cache", "result"],
+)
+AUTH_ATTEMPTS: Final = Counter(
+    "bastion_auth_attempts_total",
+    "Authentication attempts by method (password, token, api_key, oidc) and outcome.",
+    ["method", "outcome"],
+)
+AUTH_LOCKOUTS: Final = Counter(
+    "bastion_auth_lockouts_total",
+    "Accounts locked after repeated authentication failures.",
+)
+RATELIMIT_DECISIONS: Final = Counter(
+    "bastion_ratelimit_decisions_total",
+    "Rate-limit decisions by policy and decision (allowed, rejected).",
+    ["policy", "decision"],
+)
+CIRCUIT_STATE: Final = Gauge(
+    "bastion_circuit_state",
+    "1 for a circuit's current state (closed, open, half_open), 0 for the others.",
+    ["circuit", "state"],
+    multiprocess_mode="liveall",
+)
+CIRCUIT_TRANSITIONS: Final = Counter(
+    "bastion_circuit_transitions_total",
+    "Circuit state changes, by circuit and the state entered.",
+    ["circuit", "state"],
+)
+RETRIES: Final = Counter(
+    "bastion_retries_total",
+    "Calls to a dependency re-tried by the resilience pipeline, by dependency.",
+    ["dependency"],
+)
+OUTBOX_LAG: Final = Gauge(
+    "bastion_outbox_lag_seconds",
+    "Age of the oldest outbox message not yet published.",
+    multiprocess_mode="max",
+)
+OUTBOX_PENDING: Final = Gauge(
+    "bastion_outbox_pending_messages",
+    "Outbox messages not yet published.",
+    multiprocess_mode="max",
 )

@@ -10,9 +10,16 @@ The access log is written for real: standard output (file descriptor 1) is
 redirected to a file for the whole run, exactly as a JSON log shipped from a
 container's stdout, and results are printed on the original stdout.
 
+The variants that export spans send them to one OTLP/HTTP receiver
+(``_receiver.py``) in its own process. Only the serving thread's CPU time is
+counted, so the span processor's export thread (encoding and sending batches)
+is left out: for those variants this figure is a lower bound, and
+``http_overhead.py``, which counts every thread of the server, is the one to
+judge them by.
+
 Usage:
     .venv/bin/python bench/request_path.py [--requests 2000] [--rounds 30]
-        [--batch 16] [--profile fastapi+bastion] [--json out.json]
+        [--batch 16] [--profile fastapi+bastion] [--variants a,b,...] [--json out.json]
 """
 
 from __future__ import annotations
@@ -26,11 +33,13 @@ import io
 import json
 import os
 import pstats
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +155,7 @@ def _baseline(name: str) -> str | None:
 async def _main(args: argparse.Namespace, out: io.TextIOWrapper) -> dict[str, Any]:
     import _apps  # noqa: PLC0415 -- after the environment is set up
 
-    names = [*_apps.VARIANTS, *DIAGNOSTICS]
+    names = [name for name in [*_apps.VARIANTS, *DIAGNOSTICS] if name in args.variants]
     apps = {name: _build(name) for name in names}
     shutdowns = [await _lifespan(app) for app in apps.values()]
     scope = _scope(_apps.PATH)
@@ -177,7 +186,7 @@ async def _main(args: argparse.Namespace, out: io.TextIOWrapper) -> dict[str, An
         median = statistics.median(samples[name])
         results[name] = {"us_per_request": round(median, 2), "rounds": samples[name]}
         base = _baseline(name)
-        if base is not None:
+        if base is not None and base in samples:
             # The median of per-round differences, not the difference of medians: a
             # round's variant and baseline ran seconds apart, so the host's drift
             # (this is a shared VM) mostly cancels within a pair.
@@ -206,6 +215,50 @@ def _print(results: dict[str, Any], args: argparse.Namespace, log: Path, out: An
         print(f"{name:<36}{result['us_per_request']:>12.2f}   {delta}", file=out)
 
 
+@contextlib.contextmanager
+def _receiver(workdir: str) -> Iterator[None]:
+    """Run an OTLP receiver for the exporting variants and point them at it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with (Path(workdir) / "receiver.stderr.log").open("wb") as err:
+        process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve().parent / "_receiver.py"), str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the OTLP receiver did not start") from None
+                time.sleep(0.1)
+        os.environ["BENCH_OTLP_ENDPOINT"] = f"http://127.0.0.1:{port}"
+        yield
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _all_names() -> list[str]:
+    import _apps  # noqa: PLC0415 -- only the names, nothing is built
+
+    return [*_apps.VARIANTS, *DIAGNOSTICS]
+
+
+def _names(text: str) -> list[str]:
+    known = _all_names()
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown variants {unknown}; known: {', '.join(known)}")
+    return names
+
+
 def main() -> int:
     """Run the micro-benchmark; exit 0 unless a variant fails."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -213,10 +266,20 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=30, help="rounds; medians are reported")
     parser.add_argument("--batch", type=int, default=16, help="requests per event-loop turn")
     parser.add_argument("--profile", metavar="VARIANT", help="cProfile one variant afterwards")
+    parser.add_argument(
+        "--variants",
+        type=_names,
+        help="comma-separated variants (default: all); a variant's baseline must be among them",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    if args.variants is None:
+        args.variants = _names(",".join(_all_names()))
 
-    with tempfile.TemporaryDirectory(prefix="bastion-bench-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="bastion-bench-") as tmp,
+        _receiver(tmp),
+    ):
         os.environ["BASTION_DATABASE__URL"] = f"sqlite+aiosqlite:///{tmp}/bench.db"
         os.environ["BASTION_LOGGING__FORMAT"] = "json"
         os.environ["BASTION_CONFIG_FILE"] = f"{tmp}/absent.toml"

@@ -23,6 +23,12 @@ The process then exits 0. A second signal during any of this forces the exit
 (status 1): in-flight requests are cut off at once, and the shutdown hooks get
 a short grace to close pools.
 
+With several workers and metrics on, the supervisor gives the workers one
+multiprocess metrics directory before it starts them (prometheus_client reads
+``PROMETHEUS_MULTIPROC_DIR`` when a worker imports it), so a scrape of any
+worker sees the whole instance; it forgets a worker's live gauges when the
+worker exits, and empties the directory when it stops.
+
 Two uvicorn behaviours are changed on purpose: uvicorn re-raises a captured
 signal after shutting down, so a stock server dies *of* SIGTERM (status -15)
 instead of exiting 0; and uvicorn logs every request it cancels at the timeout
@@ -36,17 +42,21 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any, Final
 
 import structlog
 import uvicorn
+from prometheus_client import multiprocess
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.lifespan.on import LifespanOn, LifespanSendMessage
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
@@ -56,7 +66,8 @@ from bastion._loading import load_app
 from bastion.errors import ConfigurationError
 from bastion.lifecycle import Lifecycle
 from bastion.observability import configure_logging
-from bastion.settings import LoggingSettings, ServerSettings, Settings
+from bastion.observability._prometheus import MULTIPROCESS_ENV
+from bastion.settings import LoggingSettings, MetricsSettings, ServerSettings, Settings
 
 __all__ = ["EXIT_FORCED", "BastionServer", "lifecycle_of", "serve", "startup_warnings"]
 
@@ -442,11 +453,21 @@ class _Supervisor(Multiprocess):
         *,
         drain_delay: float,
         logging_settings: LoggingSettings,
+        metrics_dir: str | None = None,
     ) -> None:
         self._drain_delay = drain_delay
         self._logging_settings = logging_settings
+        self._metrics_dir = metrics_dir
         self.exit_codes: list[int | None] = []
         super().__init__(config, sockets)
+
+    def _forget(self, process: Process) -> None:
+        """Drop an exited worker's live gauges (in flight, pool, readiness) from scrapes.
+
+        Its counters and histograms stay: they are totals the instance served.
+        """
+        if self._metrics_dir is not None and process.pid is not None:
+            multiprocess.mark_process_dead(process.pid, self._metrics_dir)  # type: ignore[no-untyped-call]  # untyped upstream
 
     def _spawn(self) -> Process:
         process = _WorkerProcess(
@@ -494,6 +515,7 @@ class _Supervisor(Multiprocess):
                 return
             old.terminate()
             old.join()
+            self._forget(old)
             self.processes[index] = new
 
     def keep_subprocess_alive(self) -> None:
@@ -505,6 +527,7 @@ class _Supervisor(Multiprocess):
                 continue
             process.kill()
             process.join()
+            self._forget(process)
             if process.exitcode == STARTUP_FAILURE:
                 # It would fail the same way on every restart (bad app, bad settings).
                 logger.error("worker failed to start; stopping", pid=process.pid)
@@ -549,6 +572,8 @@ class _Supervisor(Multiprocess):
                             os.kill(process.pid, signal.SIGTERM)
             alive = [process for process in alive if process.exitcode is None]
         self.exit_codes = [process.exitcode for process in self.processes]
+        for process in self.processes:
+            self._forget(process)
         logger.info("workers stopped", exit_codes=self.exit_codes)
 
 
@@ -615,15 +640,60 @@ def _serve_workers(settings: Settings, sock: socket.socket) -> int:
     # Workers are spawned, not forked: each imports the app from its name.
     config = _uvicorn_config(server_settings.app, server_settings)
     sock.set_inheritable(True)
-    supervisor = _Supervisor(
-        config,
-        [sock],
-        drain_delay=server_settings.drain_delay,
-        logging_settings=settings.logging,
-    )
-    _log_starting(sock, server_settings)
-    supervisor.run()
+    with _metrics_directory(settings.metrics) as metrics_dir:
+        supervisor = _Supervisor(
+            config,
+            [sock],
+            drain_delay=server_settings.drain_delay,
+            logging_settings=settings.logging,
+            metrics_dir=metrics_dir,
+        )
+        _log_starting(sock, server_settings)
+        supervisor.run()
     return supervisor.exit_code
+
+
+@contextlib.contextmanager
+def _metrics_directory(settings: MetricsSettings) -> Iterator[str | None]:
+    """Give the workers about to be spawned one empty multiprocess metrics directory.
+
+    ``metrics.multiprocess_dir``, else ``PROMETHEUS_MULTIPROC_DIR``, else a fresh
+    temporary directory that is removed afterwards. A given directory is emptied
+    of metric files before and after: files a previous run left would be summed
+    into this run's counters.
+    """
+    if not settings.enabled:
+        yield None
+        return
+    given = settings.multiprocess_dir or os.environ.get(MULTIPROCESS_ENV)
+    if given:
+        directory = Path(given)
+        directory.mkdir(parents=True, exist_ok=True)
+        _remove_metric_files(directory)
+    else:
+        directory = Path(tempfile.mkdtemp(prefix="bastion-metrics-"))
+    previous = os.environ.get(MULTIPROCESS_ENV)
+    # Workers are spawned: they inherit this environment and import prometheus_client
+    # afresh, which is when it decides to write to files. This process keeps its own
+    # in-memory values (it imported the library already), and records nothing.
+    os.environ[MULTIPROCESS_ENV] = str(directory)
+    logger.info("multiprocess metrics", directory=str(directory))
+    try:
+        yield str(directory)
+    finally:
+        if previous is None:
+            os.environ.pop(MULTIPROCESS_ENV, None)
+        else:
+            os.environ[MULTIPROCESS_ENV] = previous
+        if given:
+            _remove_metric_files(directory)
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _remove_metric_files(directory: Path) -> None:
+    for path in directory.glob("*.db"):
+        path.unlink(missing_ok=True)
 
 
 def _uvicorn_config(app: Any, settings: ServerSettings) -> uvicorn.Config:

@@ -27,10 +27,14 @@ from bastion.errors import (
 from bastion.lifecycle import Lifecycle
 from bastion.observability import (
     HealthRegistry,
+    MetricsEndpoint,
     RequestMiddleware,
     configure_logging,
     install_exception_handlers,
+    instrument_redis,
 )
+from bastion.observability._http_metrics import HttpMetrics
+from bastion.observability._tracing import Tracing, build_tracing
 from bastion.settings import Settings, load_settings
 
 __all__ = ["Bastion", "create_app", "install"]
@@ -54,6 +58,7 @@ class Bastion:
         database: the shared database, or ``None`` when ``database.enabled`` is off.
         redis: the shared ``redis.asyncio.Redis`` client, or ``None`` when not configured.
         migrator: runs bastion's and the app's migration trees.
+        tracing: the app's tracer provider and tracer, or ``None`` when tracing is off.
     """
 
     settings: Settings
@@ -62,6 +67,7 @@ class Bastion:
     database: Database | None
     redis: Any
     migrator: Migrator | None
+    tracing: Tracing | None = None
 
 
 def install(app: Starlette, *, settings: Settings | None = None, **overrides: Any) -> Bastion:
@@ -108,7 +114,18 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
     redis = _install_redis(settings, lifecycle, health)
     migrator = _install_migrations(settings, lifecycle, database)
 
-    runtime = Bastion(settings, lifecycle, health, database, redis, migrator)
+    tracing = build_tracing(settings.tracing) if settings.tracing.enabled else None
+    if tracing is not None:
+        # Last at shutdown (lowest priority): spans of the pools' closing are exported too.
+        lifecycle.on_shutdown("flush traces", tracing.shutdown, priority=0)
+        # FastAPI >= 0.16x traces natively once a global provider is set: a second
+        # SERVER span around bastion's, and three INTERNAL spans per operation. The
+        # ``telemetry=`` constructor argument is its public switch; install() gets a
+        # built app, so it turns off the same config dict the app reads per request.
+        native: Any = getattr(app, "_telemetry", None)
+        if isinstance(native, dict):
+            native["tracing"] = False
+    runtime = Bastion(settings, lifecycle, health, database, redis, migrator, tracing)
     app.state.bastion = runtime
 
     probes = health.routes(settings.health.path_prefix) if settings.health.enabled else []
@@ -116,13 +133,16 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
     # routes give other methods a 405 with Allow, and cost app requests nothing.
     app.router.routes.extend(probes)
     app.router.routes.extend(_admin_routes(settings, migrator))
+    app.router.routes.extend(_install_metrics(settings))
     install_exception_handlers(app)
     app.add_middleware(
         RequestMiddleware,
         lifecycle=lifecycle,
         access_log=access_log if settings.logging.access_log else None,
-        operational_prefixes=(settings.health.path_prefix.rstrip("/") + "/", "/metrics"),
+        operational_prefixes=(settings.health.path_prefix.rstrip("/") + "/", settings.metrics.path),
         probes={route.path: route for route in probes},
+        tracing=tracing,
+        metrics=HttpMetrics(settings.metrics) if settings.metrics.enabled else None,
     )
     app.router.lifespan_context = _wrap_lifespan(app.router.lifespan_context, lifecycle)
     _document_errors(app)
@@ -151,7 +171,8 @@ def _install_database(
 ) -> Database | None:
     if not settings.database.enabled:
         return None
-    database = Database(settings.database)
+    tracing = settings.tracing
+    database = Database(settings.database, trace=tracing.enabled and tracing.trace_database)
     health.register("database", database.ping)
 
     async def start_database() -> None:
@@ -179,6 +200,8 @@ def _install_redis(settings: Settings, lifecycle: Lifecycle, health: HealthRegis
         socket_timeout=settings.redis.socket_timeout,
         socket_connect_timeout=settings.redis.socket_timeout,
     )
+    if settings.tracing.enabled and settings.tracing.trace_redis:
+        instrument_redis(client)
 
     async def ping() -> None:
         await client.ping()
@@ -248,6 +271,12 @@ def _install_migrations(
 
     lifecycle.on_startup(f"migrations ({mode})", migrate, priority=PRIORITY_MIGRATIONS)
     return migrator
+
+
+def _install_metrics(settings: Settings) -> list[BaseRoute]:
+    if not settings.metrics.enabled:
+        return []
+    return list(MetricsEndpoint(settings.metrics).routes())
 
 
 def _admin_routes(settings: Settings, migrator: Migrator | None) -> list[BaseRoute]:

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 import bastion
 from bastion.errors import ConfigurationError
+from bastion_docs.conformance import conformance_router
 from bastion_docs.identity import DEBUG_USER_HEADER
 from bastion_docs.routes import v1
 
@@ -81,6 +82,10 @@ def create_app(**overrides: Any) -> FastAPI:
     if runtime.database is None:
         raise ConfigurationError("Bastion Docs stores its data in the database: enable database")
     app.include_router(v1)
+    if runtime.settings.tracing.conformance_endpoint:
+        if runtime.tracing is None:
+            raise ConfigurationError("tracing.conformance_endpoint needs tracing.enabled")
+        app.include_router(conformance_router(runtime.tracing.tracer))
 
     if runtime.settings.environment == "production":
 

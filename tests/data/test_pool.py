@@ -50,8 +50,8 @@ def pool_sample(metric: str, name: str, **labels: str) -> float | None:
 def connections(name: str) -> dict[str, float | None]:
     """The pool gauges of one pool, by short name."""
     return {
-        "used": pool_sample("db_client_connection_count", name, db_client_connection_state="used"),
-        "idle": pool_sample("db_client_connection_count", name, db_client_connection_state="idle"),
+        "used": pool_sample("db_client_connections_usage", name, db_client_connection_state="used"),
+        "idle": pool_sample("db_client_connections_usage", name, db_client_connection_state="idle"),
         "overflow": pool_sample("bastion_db_connection_overflow", name),
         "max": pool_sample("db_client_connection_max", name),
         "pending": pool_sample("db_client_connection_pending_requests", name),

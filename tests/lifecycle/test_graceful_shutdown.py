@@ -103,7 +103,13 @@ class TestSigterm:
         positions = [names.index(step) for step in steps]
         assert sorted(positions) == positions
         hooks = [e["step"] for e in served.events() if e["event"] == "shutdown step done"]
-        assert ["close test clients", "close test cache", "close database pool"] == hooks
+        # Traces flush last, after everything that could still make a span.
+        assert [
+            "close test clients",
+            "close test cache",
+            "close database pool",
+            "flush traces",
+        ] == hooks
         stopped = next(e for e in served.events() if e["event"] == "stopped")
         assert 0 == stopped["requests_cut_off"]
         assert "bastion.server" == next(

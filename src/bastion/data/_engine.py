@@ -37,6 +37,10 @@ class Database:
         settings: the ``database`` section.
         name: the ``db_client_connection_pool_name`` label of this database's
             pool metrics; give each ``Database`` of a process its own.
+        trace: a CLIENT span per statement made inside a sampled trace (the
+            statement's template, never its values); ``install`` passes
+            ``tracing.enabled and tracing.trace_database``. Off, the engine
+            carries no tracing listener.
 
     Example:
         >>> db = Database(DatabaseSettings(url="sqlite+aiosqlite:///./var/app.db"))
@@ -45,14 +49,16 @@ class Database:
         >>> await db.aclose()
     """
 
-    def __init__(self, settings: DatabaseSettings, *, name: str = "default") -> None:
+    def __init__(
+        self, settings: DatabaseSettings, *, name: str = "default", trace: bool = False
+    ) -> None:
         self.settings = settings
         self.name = name
         url = async_url(settings.url.get_secret_value())
         self.kind = backend_kind(url)
         self.display_url = redact_url(url)
         self.engine: AsyncEngine = _create_engine(url, settings, self.kind)
-        instrument(self.engine, name=name, settings=settings)
+        instrument(self.engine, name=name, settings=settings, trace=trace)
         self.sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(
             self.engine, expire_on_commit=False
         )

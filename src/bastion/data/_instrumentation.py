@@ -13,6 +13,10 @@ Two halves, both attached by :func:`instrument` when a
   ``handle_error`` on the sync engine: one histogram observation per statement,
   and a warning with the statement's template (never its parameters) when it
   was slower than ``database.slow_query_threshold``.
+
+With ``trace=True``, :class:`StatementTracer` adds a CLIENT span per statement
+made inside a sampled trace, through the OpenTelemetry API: listeners of its
+own, so an engine that is not traced carries none.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
+from opentelemetry import trace as otel_trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from sqlalchemy import event, exc
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
-from bastion.observability._metrics import (
+from bastion.observability.metrics import (
     DB_CONNECTION_COUNT,
     DB_CONNECTION_MAX,
     DB_CONNECTION_OVERFLOW,
@@ -39,6 +45,7 @@ from bastion.observability._metrics import (
 )
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import Span
     from prometheus_client.metrics import Histogram
     from sqlalchemy.engine import Connection, ExceptionContext, ExecutionContext
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -51,6 +58,7 @@ __all__ = [
     "InstrumentedQueuePool",
     "PoolMeter",
     "QueryMeter",
+    "StatementTracer",
     "instrument",
     "statement_template",
     "statement_verb",
@@ -76,6 +84,8 @@ _VERBS: Final = frozenset(
 _LEADING_WORD: Final = re.compile(r"[\s(]*([A-Za-z]+)")
 _WHITESPACE: Final = re.compile(r"\s+")
 _STARTED: Final = "_bastion_started"
+_SPAN: Final = "_bastion_span"
+_tracer = otel_trace.get_tracer("bastion.data")
 
 
 # Compiled statements come from SQLAlchemy's cache as the same str objects, whose
@@ -346,7 +356,109 @@ class QueryMeter:
             )
 
 
-def instrument(engine: AsyncEngine, *, name: str, settings: DatabaseSettings) -> PoolMeter | None:
+class StatementTracer:
+    """Gives each statement an engine sends inside a sampled trace a CLIENT span.
+
+    The span is named by the SQL verb and carries ``db.system.name``,
+    ``db.operation.name``, ``db.query.text`` (the statement as sent to the
+    driver: placeholders, never the bound values; whitespace collapsed and cut
+    to :data:`STATEMENT_MAX` characters), ``db.namespace`` and ``server.address``
+    / ``server.port`` when the database has them. A failed statement's span is
+    in error with ``error.type``. Statements outside a sampled trace (pool
+    pings, migrations at start-up, readiness probes) make no span: one check.
+
+    Args:
+        engine: the engine whose statements are traced.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        url = engine.url
+        self.system = "postgresql" if engine.dialect.name == "postgresql" else engine.dialect.name
+        self.attributes: dict[str, str | int] = {"db.system.name": self.system}
+        if url.host:
+            self.attributes["server.address"] = url.host
+            self.attributes["server.port"] = url.port or 5432
+        if url.database and engine.dialect.name != "sqlite":
+            # SQLite's database is a file path: where it lives says nothing to a trace.
+            self.attributes["db.namespace"] = url.database
+        self._templates: dict[str, str] = {}
+
+    def listen(self, engine: AsyncEngine) -> None:
+        """Attach the listeners to ``engine``'s sync engine."""
+        target = engine.sync_engine
+        event.listen(target, "before_cursor_execute", self.before_cursor_execute)
+        event.listen(target, "after_cursor_execute", self.after_cursor_execute)
+        event.listen(target, "handle_error", self.handle_error)
+
+    def before_cursor_execute(  # noqa: PLR0917 -- SQLAlchemy's listener signature
+        self,
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: ExecutionContext | None,
+        executemany: bool,
+    ) -> None:
+        """Start the statement's span when a sampled span is current."""
+        # SQLAlchemy runs the sync listeners in a greenlet that shares the
+        # caller's contextvars, so the request's span is the current one here.
+        if context is None or not otel_trace.get_current_span().is_recording():
+            return
+        verb = statement_verb(statement)
+        span = _tracer.start_span(
+            verb,
+            kind=SpanKind.CLIENT,
+            attributes={
+                **self.attributes,
+                "db.operation.name": verb,
+                "db.query.text": self._template(statement),
+            },
+        )
+        setattr(context, _SPAN, span)
+
+    def after_cursor_execute(  # noqa: PLR0917 -- SQLAlchemy's listener signature
+        self,
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: ExecutionContext | None,
+        executemany: bool,
+    ) -> None:
+        """End the statement's span."""
+        span: Span | None = getattr(context, _SPAN, None)
+        if span is not None:
+            setattr(context, _SPAN, None)
+            span.end()
+
+    def handle_error(self, exception_context: ExceptionContext) -> None:
+        """End a failed statement's span in error."""
+        context = exception_context.execution_context
+        span: Span | None = getattr(context, _SPAN, None)
+        if span is None:
+            return
+        setattr(context, _SPAN, None)
+        error = exception_context.original_exception
+        span.set_attribute("error.type", type(error).__qualname__)
+        # The message may quote the bound values (a unique violation's key): only
+        # the class goes into the span.
+        span.set_status(Status(StatusCode.ERROR))
+        span.end()
+
+    def _template(self, statement: str) -> str:
+        # Statements come from SQLAlchemy's compiled cache; collapsing each once
+        # keeps the regex off the hot path. Bounded: literal-built SQL differs each time.
+        template = self._templates.get(statement)
+        if template is None:
+            template = statement_template(statement)
+            if len(self._templates) < 512:  # noqa: PLR2004 -- cache bound, as statement_verb's
+                self._templates[statement] = template
+        return template
+
+
+def instrument(
+    engine: AsyncEngine, *, name: str, settings: DatabaseSettings, trace: bool = False
+) -> PoolMeter | None:
     """Attach bastion's metrics and slow-query log to ``engine``.
 
     Args:
@@ -355,11 +467,15 @@ def instrument(engine: AsyncEngine, *, name: str, settings: DatabaseSettings) ->
             has nothing to measure).
         name: the pool's ``db_client_connection_pool_name``.
         settings: the ``database`` section (``slow_query_threshold``, ``pool_wait_warning``).
+        trace: add a span per statement (:class:`StatementTracer`); install passes
+            ``tracing.enabled and tracing.trace_database``.
 
     Returns:
         The pool's meter, or ``None`` when the pool is not measured.
     """
     QueryMeter(engine.dialect.name, slow_threshold=settings.slow_query_threshold).listen(engine)
+    if trace:
+        StatementTracer(engine).listen(engine)
     pool = engine.sync_engine.pool
     if not isinstance(pool, InstrumentedQueuePool):
         return None

@@ -64,7 +64,7 @@ from bastion.data._history import (
 )
 from bastion.data._lock import migration_lock
 from bastion.errors import ConfigurationError
-from bastion.observability._metrics import MIGRATIONS_APPLIED
+from bastion.observability.metrics import MIGRATIONS_APPLIED
 
 if TYPE_CHECKING:
     from alembic.runtime.migration import RevisionStep

@@ -31,7 +31,7 @@ from tenacity import (
 from bastion.backends import BackendKind
 from bastion.data._engine import Database
 from bastion.errors import ConfigurationError, Conflict
-from bastion.observability._metrics import DB_TRANSACTION_FAILURES, DB_TRANSACTION_RETRIES
+from bastion.observability.metrics import DB_TRANSACTION_FAILURES, DB_TRANSACTION_RETRIES
 from bastion.settings import DatabaseSettings, IsolationLevel
 
 __all__ = [

@@ -3,6 +3,8 @@
 ``/health/live`` answers 200 while the event loop turns. ``/health/ready`` runs
 every registered check concurrently, each bounded by its timeout, and answers
 200 only when every critical check passes and the process is not shutting down.
+Each run also sets ``bastion_ready`` and ``bastion_health_check_up{check}``, so
+a dashboard shows what the last probe saw.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from bastion.errors import ErrorCode, problem_body
 from bastion.lifecycle import Lifecycle
 from bastion.observability._handlers import problem_response
 from bastion.observability._logging import LogMasker
+from bastion.observability._metrics import HEALTH_CHECK_UP, READY
 
 __all__ = ["HealthCheck", "HealthRegistry", "operational_route"]
 
@@ -81,7 +84,7 @@ class HealthRegistry:
         return tuple(self._checks.values())
 
     async def run(self) -> tuple[bool, dict[str, dict[str, Any]]]:
-        """Run every check concurrently.
+        """Run every check concurrently; set ``bastion_health_check_up`` for each.
 
         Returns:
             Whether every critical check passed, and each check's result.
@@ -89,6 +92,8 @@ class HealthRegistry:
         checks = list(self._checks.values())
         results = await asyncio.gather(*(self._run_one(check) for check in checks))
         report = dict(zip((check.name for check in checks), results, strict=True))
+        for name, result in report.items():
+            HEALTH_CHECK_UP.labels(name).set(1 if result["status"] == "ok" else 0)
         healthy = all(
             result["status"] == "ok"
             for check, result in zip(checks, results, strict=True)
@@ -131,9 +136,11 @@ class HealthRegistry:
         if not self.allowed(request):
             return _forbidden()
         if not self._lifecycle.accepting:
+            READY.set(0)
             phase = self._lifecycle.phase.value
             return _json({"status": phase, "phase": phase, "checks": {}}, 503)
         healthy, report = await self.run()
+        READY.set(1 if healthy else 0)
         body = {"status": "ok" if healthy else "fail", "phase": "ready", "checks": report}
         return _json(body, 200 if healthy else 503)
 

@@ -1,7 +1,9 @@
 """Structured logging: one renderer for structlog, the standard library and uvicorn.
 
 Every line carries ``timestamp, level, event, logger, request_id, trace_id,
-span_id`` and, when known, ``tenant_id`` and ``user_id``. A masking processor
+span_id`` and, when known, ``tenant_id`` and ``user_id``; ``trace_id`` and
+``span_id`` are those of the span current where the line is written (the
+access line: the request's server span), null outside any span. A masking processor
 runs before rendering, so secrets never reach the output.
 
 The access log has its own fast path: structlog's full chain costs about 17 µs a
@@ -29,6 +31,7 @@ from typing import IO, Any, Final
 
 import orjson
 import structlog
+from opentelemetry import trace
 from structlog.tracebacks import ExceptionDictTransformer
 from structlog.typing import EventDict, Processor, WrappedLogger
 
@@ -150,6 +153,13 @@ class LogMasker:
 
 
 def _add_context(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    # The current span, not the request's: a line written inside a child span
+    # (a statement, an outbound call, a consumed message) names that span. Unsampled
+    # spans have ids too, so their lines still join up with the request's.
+    span_context = trace.get_current_span().get_span_context()
+    if span_context.is_valid:
+        event_dict.setdefault("trace_id", format(span_context.trace_id, "032x"))
+        event_dict.setdefault("span_id", format(span_context.span_id, "016x"))
     context = current_context()
     if context is None:
         event_dict.setdefault("request_id", None)

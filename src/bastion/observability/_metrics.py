@@ -3,7 +3,11 @@
 Names follow the OpenTelemetry semantic conventions where one exists
 (``db_client_*``), else ``bastion_<component>_<thing>_<unit>``. Labels are
 bounded by construction: a database's pool name, an SQL verb, a retry reason;
-never a statement, a user, a tenant or a raw path.
+never a statement, a user or a raw path, and a tenant only in the one family an
+operator turns on (``metrics.tenant_label``), bounded per process.
+
+The public surface is :mod:`bastion.observability.metrics`, which re-exports
+these objects; components import them from there.
 
 The metrics live in prometheus_client's default registry, created once at
 import, so every ``Database`` in the process reports into the same families
@@ -39,6 +43,7 @@ __all__ = [
     "HTTP_REQUEST_BODY_SIZE",
     "HTTP_REQUEST_DURATION",
     "HTTP_RESPONSE_BODY_SIZE",
+    "HTTP_TENANT_REQUEST_DURATION",
     "MIGRATIONS_APPLIED",
     "OUTBOX_LAG",
     "OUTBOX_PENDING",
@@ -70,7 +75,7 @@ DB_SLOW_QUERIES: Final = Counter(
     [_SYSTEM, _OPERATION],
 )
 DB_CONNECTION_COUNT: Final = Gauge(
-    "db_client_connection_count",
+    "db_client_connections_usage",
     "Pooled connections by state: used (checked out) or idle (in the pool).",
     [_POOL, "db_client_connection_state"],
     multiprocess_mode="livesum",
@@ -152,6 +157,15 @@ HTTP_RESPONSE_BODY_SIZE: Final = Histogram(
     "Size of HTTP response bodies.",
     ["http_request_method", "http_route"],
     buckets=_SIZE_BUCKETS,
+)
+# Only when an operator turns on metrics.tenant_label: a family of its own, because
+# a family's label names are fixed when it is created. No route label: tenants x
+# routes x statuses x buckets would be the cardinality the limit is there to stop.
+HTTP_TENANT_REQUEST_DURATION: Final = Histogram(
+    "bastion_http_tenant_request_duration_seconds",
+    "Duration of HTTP server requests by tenant (metrics.tenant_label; bounded per process).",
+    ["tenant", "http_request_method", "http_response_status_code"],
+    buckets=_HTTP_BUCKETS,
 )
 
 # --- Health ---------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""Test helpers for bastion services: run an app's lifespan, talk to it, count its queries."""
+"""Test helpers for bastion services: run an app, talk to it, count its queries, get its spans."""
 
 from bastion.testing._client import lifespan_client
+from bastion.testing._otlp import OtlpReceiver, ReceivedSpan
 from bastion.testing._queries import QueryCounter, count_queries
 
-__all__ = ["QueryCounter", "count_queries", "lifespan_client"]
+__all__ = ["OtlpReceiver", "QueryCounter", "ReceivedSpan", "count_queries", "lifespan_client"]

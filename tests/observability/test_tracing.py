@@ -1,0 +1,231 @@
+"""Tracing: the server span per request, W3C parent extraction, export, and ids in logs."""
+
+import json
+import logging
+import sys
+
+import pytest
+import structlog
+from fastapi import FastAPI
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+import bastion
+from bastion.errors import ConfigurationError
+from bastion.observability import build_tracing
+from bastion.settings import TracingSettings
+from bastion.testing import OtlpReceiver, lifespan_client
+
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+PARENT_ID = "b7ad6b7169203331"
+
+
+def make_app(receiver=None, **tracing) -> FastAPI:
+    if receiver is not None:
+        tracing = {"exporter": "otlp-http", "endpoint": receiver.endpoint, **tracing}
+    # FastAPI's native tracing would use the global provider an earlier test set;
+    # bastion turns it off only where it makes the server span itself.
+    app = FastAPI(telemetry={"tracing": False})
+    bastion.install(app, database={"enabled": False}, logging={"format": "json"}, tracing=tracing)
+
+    @app.get("/items/{item_id}")
+    async def read(item_id: int) -> dict:
+        structlog.get_logger("app.items").info("reading item", item_id=item_id)
+        logging.getLogger("app.stdlib").warning("stdlib line")
+        return {"id": item_id}
+
+    @app.get("/boom")
+    async def boom() -> dict:
+        raise RuntimeError("boom")
+
+    async def thing(request):
+        return PlainTextResponse(request.path_params["thing_id"])
+
+    app.mount("/sub", Starlette(routes=[Route("/things/{thing_id}", thing)]))
+    return app
+
+
+async def serve(app, *requests) -> None:
+    """Send each (path, headers) through the app's whole lifespan: shutdown flushes spans."""
+    async with lifespan_client(app) as client:
+        for path, headers in requests:
+            await client.get(path, headers=headers)
+
+
+def lines(capsysbinary) -> list[dict]:
+    out = capsysbinary.readouterr().out.decode().splitlines()
+    return [json.loads(line) for line in out if line.startswith("{")]
+
+
+def by_event(records: list[dict]) -> dict[str, dict]:
+    return {line["event"]: line for line in records}
+
+
+class TestServerSpan:
+    async def test_span_is_named_by_route_template_with_semconv_attributes(self):
+        """One SERVER span per request, named by route template, with HTTP semconv attributes."""
+        with OtlpReceiver() as receiver:
+            await serve(make_app(receiver), ("/items/7", {"User-Agent": "probe/1"}))
+            (span,) = receiver.wait_for(1)
+        assert ("GET /items/{item_id}", "SERVER", "UNSET") == (span.name, span.kind, span.status)
+        assert {
+            "http.request.method": "GET",
+            "url.path": "/items/7",
+            "url.scheme": "http",
+            "http.route": "/items/{item_id}",
+            "http.response.status_code": 200,
+            "server.address": "testserver",
+            "client.address": "127.0.0.1",
+            "user_agent.original": "probe/1",
+            "network.protocol.version": "1.1",
+        } == span.attributes
+        assert "bastion" == span.service_name
+
+    async def test_mounted_starlette_route_gets_its_full_template(self):
+        """A plain Starlette Route under a Mount is named by mount prefix plus its template."""
+        with OtlpReceiver() as receiver:
+            await serve(make_app(receiver), ("/sub/things/9", {}), ("/sub/things/10", {}))
+            spans = receiver.wait_for(2)
+        assert ["GET /sub/things/{thing_id}"] * 2 == [span.name for span in spans]
+
+    async def test_unmatched_request_is_named_by_method_only(self):
+        """A request no route matches gets the method as name and no http.route."""
+        with OtlpReceiver() as receiver:
+            await serve(make_app(receiver), ("/nowhere/1", {}))
+            (span,) = receiver.wait_for(1)
+        assert ("GET", None, 404) == (
+            span.name,
+            span.attributes.get("http.route"),
+            span.attributes["http.response.status_code"],
+        )
+
+    async def test_exception_marks_the_span_as_error_with_the_exception_recorded(self):
+        """An unhandled exception gives the span ERROR status, error.type and an exception event."""
+        with OtlpReceiver() as receiver:
+            await serve(make_app(receiver), ("/boom", {}))
+            (span,) = receiver.wait_for(1)
+        assert ("ERROR", "RuntimeError", 500, ("exception",)) == (
+            span.status,
+            span.attributes["error.type"],
+            span.attributes["http.response.status_code"],
+            span.events,
+        )
+
+    async def test_operational_paths_are_not_traced_by_default(self):
+        """Probes make no span unless tracing.trace_operational is on."""
+        with OtlpReceiver() as receiver:
+            await serve(make_app(receiver), ("/health/live", {}), ("/items/1", {}))
+            spans = receiver.wait_for(1)
+        assert ["GET /items/{item_id}"] == [span.name for span in spans]
+
+    async def test_trace_operational_traces_probes(self):
+        """With tracing.trace_operational, probes get spans too."""
+        with OtlpReceiver() as receiver:
+            await serve(make_app(receiver, trace_operational=True), ("/health/live", {}))
+            (span,) = receiver.wait_for(1)
+        assert "GET /health/live" == span.name
+
+
+class TestInboundContext:
+    async def test_valid_traceparent_continues_the_trace(self):
+        """An inbound sampled traceparent gives the span its trace id and parent."""
+        header = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}
+        with OtlpReceiver() as receiver:
+            await serve(make_app(receiver), ("/items/1", header))
+            (span,) = receiver.wait_for(1)
+        assert (TRACE_ID, PARENT_ID) == (span.trace_id, span.parent_span_id)
+
+    async def test_unsampled_parent_is_honoured_even_at_ratio_one(self, capsysbinary):
+        """An inbound unsampled flag wins over sample_ratio 1: nothing exported, ids logged."""
+        header = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-00"}
+        with OtlpReceiver() as receiver:
+            await serve(make_app(receiver), ("/items/1", header))
+            exported = receiver.spans
+        access = by_event(lines(capsysbinary))["request"]
+        assert ([], TRACE_ID) == (exported, access["trace_id"])
+
+    async def test_sampled_parent_is_honoured_even_at_ratio_zero(self):
+        """An inbound sampled flag wins over sample_ratio 0: the span is exported."""
+        header = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}
+        with OtlpReceiver() as receiver:
+            await serve(make_app(receiver, sample_ratio=0.0), ("/items/1", header))
+            (span,) = receiver.wait_for(1)
+        assert TRACE_ID == span.trace_id
+
+    @pytest.mark.parametrize(
+        "value",
+        [
+            f"00-{TRACE_ID}-{PARENT_ID}-0",
+            f"00-{TRACE_ID.upper()}-{PARENT_ID}-01",
+            f"00-{'0' * 32}-{PARENT_ID}-01",
+            f"00-{TRACE_ID}-{'0' * 16}-01",
+            f"ff-{TRACE_ID}-{PARENT_ID}-01",
+            f"00-{TRACE_ID}-{PARENT_ID}-01-extra",
+        ],
+        ids=["short", "uppercase", "zero-trace", "zero-parent", "version-ff", "00-extra"],
+    )
+    async def test_invalid_traceparent_starts_a_new_trace(self, value):
+        """A malformed traceparent is ignored: a root span with a fresh trace id."""
+        with OtlpReceiver() as receiver:
+            await serve(make_app(receiver), ("/items/1", {"traceparent": value}))
+            (span,) = receiver.wait_for(1)
+        assert (None, True) == (span.parent_span_id, span.trace_id != TRACE_ID)
+
+
+class TestExport:
+    async def test_spans_reach_the_receiver_with_parentage(self):
+        """A child span made in the handler is exported with the server span as its parent."""
+        with OtlpReceiver() as receiver:
+            app = make_app(receiver)
+            tracer = app.state.bastion.tracing.tracer
+
+            @app.get("/nested")
+            async def nested() -> dict:
+                with tracer.start_as_current_span("inner"):
+                    return {}
+
+            await serve(app, ("/nested", {}))
+            spans = {span.name: span for span in receiver.wait_for(2)}
+        server, inner = spans["GET /nested"], spans["inner"]
+        assert (server.trace_id, server.span_id) == (inner.trace_id, inner.parent_span_id)
+
+    async def test_ratio_zero_exports_nothing_but_logs_ids(self, capsysbinary):
+        """sample_ratio 0: no span exported, yet the access line carries trace and span ids."""
+        with OtlpReceiver() as receiver:
+            await serve(make_app(receiver, sample_ratio=0.0), ("/items/1", {}))
+            exported = receiver.spans
+        access = by_event(lines(capsysbinary))["request"]
+        assert ([], 32, 16) == (exported, len(access["trace_id"]), len(access["span_id"]))
+
+    def test_missing_exporter_package_names_the_extra(self, monkeypatch):
+        """An OTLP exporter without its package raises ConfigurationError naming bastion[otlp]."""
+        monkeypatch.setitem(
+            sys.modules, "opentelemetry.exporter.otlp.proto.grpc.trace_exporter", None
+        )
+        with pytest.raises(ConfigurationError, match=r'pip install "bastion\[otlp\]"'):
+            build_tracing(TracingSettings(exporter="otlp-grpc"))
+
+
+class TestLogCorrelation:
+    async def test_exporter_none_puts_span_ids_on_every_line(self, capsysbinary):
+        """With exporter none, app, stdlib and access lines carry the request span's ids."""
+        await serve(make_app(), ("/items/1", {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}))
+        records = by_event(lines(capsysbinary))
+        ids = {
+            (records[event]["trace_id"], records[event]["span_id"])
+            for event in ("reading item", "stdlib line", "request")
+        }
+        assert 1 == len(ids)
+        trace_id, span_id = ids.pop()
+        assert (TRACE_ID, 16, True) == (trace_id, len(span_id), span_id != PARENT_ID)
+
+    async def test_disabled_tracing_logs_no_ids(self, capsysbinary):
+        """tracing.enabled=false: no span, so lines carry null trace and span ids."""
+        app = make_app(enabled=False)
+        await serve(app, ("/items/1", {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}))
+        records = by_event(lines(capsysbinary))
+        assert (None, {(None, None)}) == (
+            app.state.bastion.tracing,
+            {(records[e]["trace_id"], records[e]["span_id"]) for e in ("reading item", "request")},
+        )

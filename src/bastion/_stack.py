@@ -110,11 +110,13 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
         token=settings.health.token.get_secret_value() if settings.health.token else None,
     )
 
-    database = _install_database(settings, lifecycle, health)
-    redis = _install_redis(settings, lifecycle, health)
+    # Built first: the database and Redis clients make their spans with the app's
+    # own provider, so they reach its exporter whichever provider is global.
+    tracing = build_tracing(settings.tracing) if settings.tracing.enabled else None
+    database = _install_database(settings, lifecycle, health, tracing)
+    redis = _install_redis(settings, lifecycle, health, tracing)
     migrator = _install_migrations(settings, lifecycle, database)
 
-    tracing = build_tracing(settings.tracing) if settings.tracing.enabled else None
     if tracing is not None:
         # Last at shutdown (lowest priority): spans of the pools' closing are exported too.
         lifecycle.on_shutdown("flush traces", tracing.shutdown, priority=0)
@@ -167,12 +169,15 @@ def create_app(*, settings: Settings | None = None, **overrides: Any) -> Starlet
 
 
 def _install_database(
-    settings: Settings, lifecycle: Lifecycle, health: HealthRegistry
+    settings: Settings, lifecycle: Lifecycle, health: HealthRegistry, tracing: Tracing | None
 ) -> Database | None:
     if not settings.database.enabled:
         return None
-    tracing = settings.tracing
-    database = Database(settings.database, trace=tracing.enabled and tracing.trace_database)
+    database = Database(
+        settings.database,
+        trace=tracing is not None and settings.tracing.trace_database,
+        tracer_provider=tracing.provider if tracing is not None else None,
+    )
     health.register("database", database.ping)
 
     async def start_database() -> None:
@@ -190,7 +195,9 @@ def _install_database(
     return database
 
 
-def _install_redis(settings: Settings, lifecycle: Lifecycle, health: HealthRegistry) -> Any:
+def _install_redis(
+    settings: Settings, lifecycle: Lifecycle, health: HealthRegistry, tracing: Tracing | None
+) -> Any:
     if not settings.redis.enabled or settings.redis.url is None:
         return None
     redis_asyncio: Any = import_optional("redis.asyncio")
@@ -200,8 +207,8 @@ def _install_redis(settings: Settings, lifecycle: Lifecycle, health: HealthRegis
         socket_timeout=settings.redis.socket_timeout,
         socket_connect_timeout=settings.redis.socket_timeout,
     )
-    if settings.tracing.enabled and settings.tracing.trace_redis:
-        instrument_redis(client)
+    if tracing is not None and settings.tracing.trace_redis:
+        instrument_redis(client, tracer_provider=tracing.provider)
 
     async def ping() -> None:
         await client.ping()

@@ -191,7 +191,9 @@ class MetricsSettings(SectionSettings):
     whole instance; ``None``: ``PROMETHEUS_MULTIPROC_DIR`` when set, else a fresh
     directory that ``bastion serve`` creates when ``server.workers`` > 1."""
     tenant_label: bool = False
-    """Add a ``tenant`` label to the HTTP metrics, bounded by ``tenant_label_limit``."""
+    """Also record request durations by tenant, in their own family
+    (``bastion_http_tenant_request_duration_seconds``, no route label), bounded by
+    ``tenant_label_limit``."""
     tenant_label_limit: int = Field(default=20, ge=1, le=1000)
     """Distinct tenants labelled per process; later ones are counted as ``other``."""
 

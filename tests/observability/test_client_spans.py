@@ -9,8 +9,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -25,30 +23,6 @@ from bastion.observability._client_spans import (
     instrument_redis,
 )
 from bastion.settings import DatabaseSettings, TracingSettings
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    """Spans that bastion's instrumentation makes through the global provider, for this test."""
-    exporter = InMemorySpanExporter()
-    processor = SimpleSpanProcessor(exporter)
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        # set_tracer_provider works once per process; whoever comes first sets it.
-        trace.set_tracer_provider(TracerProvider())
-        provider = trace.get_tracer_provider()
-    assert isinstance(provider, TracerProvider)
-    provider.add_span_processor(processor)
-    yield exporter
-    processor.shutdown()
-
-
-@pytest.fixture
-def tracer(spans: InMemorySpanExporter) -> trace.Tracer:
-    """A tracer that always samples, for the test's own root spans."""
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(spans))
-    return provider.get_tracer("test")
 
 
 def client_spans(spans: InMemorySpanExporter):
@@ -240,17 +214,96 @@ class TestRedis:
         assert [] == client_spans(spans)
 
     @pytest.mark.parametrize("trace_redis", [True, False])
-    async def test_install_follows_trace_redis(self, redis_url, spans, tracer, trace_redis):
+    async def test_install_follows_trace_redis(self, redis_url, trace_redis):
         """bastion.install instruments its Redis client only when tracing.trace_redis is on."""
+        exporter = InMemorySpanExporter()
         runtime = bastion.install(
             Starlette(),
             redis={"url": redis_url},
             database={"enabled": False},
             tracing={"trace_redis": trace_redis},
         )
+        runtime.tracing.provider.add_span_processor(SimpleSpanProcessor(exporter))
         try:
-            with tracer.start_as_current_span("request"):
+            with runtime.tracing.tracer.start_as_current_span("request"):
                 await runtime.redis.ping()
         finally:
             await runtime.redis.aclose()
-        assert trace_redis == bool(client_spans(spans))
+            await runtime.tracing.shutdown()
+        assert trace_redis == bool(client_spans(exporter))
+
+
+class TestTracerProvider:
+    """Given ``tracer_provider=``, spans go to that provider, never to the global one."""
+
+    async def test_httpx_uses_the_given_provider(self, echo_server, spans, own):
+        """instrument_httpx(tracer_provider=p): the CLIENT span reaches p's exporter only."""
+        provider, exporter = own
+        with provider.get_tracer("test").start_as_current_span("request"):
+            async with instrument_httpx(httpx.AsyncClient(), tracer_provider=provider) as client:
+                await client.get(echo_server)
+        assert (["GET"], []) == (
+            [s.name for s in client_spans(exporter)],
+            client_spans(spans),
+        )
+
+    async def test_database_uses_the_given_provider(self, sqlite_url, spans, own):
+        """Database(tracer_provider=p): statement spans reach p's exporter only."""
+        provider, exporter = own
+        database = Database(DatabaseSettings(url=sqlite_url), trace=True, tracer_provider=provider)
+        try:
+            with provider.get_tracer("test").start_as_current_span("request"):
+                await database.ping()
+        finally:
+            await database.aclose()
+        assert (["SELECT"], []) == (
+            [s.name for s in client_spans(exporter)],
+            client_spans(spans),
+        )
+
+    async def test_redis_uses_the_given_provider(self, redis_url, spans, own):
+        """instrument_redis(client, p): command spans reach p's exporter only."""
+        import redis.asyncio
+
+        provider, exporter = own
+        client = instrument_redis(redis.asyncio.from_url(redis_url, socket_timeout=2), provider)
+        try:
+            with provider.get_tracer("test").start_as_current_span("request"):
+                await client.ping()
+        finally:
+            await client.aclose()
+        assert (["PING"], []) == (
+            [s.name for s in client_spans(exporter)],
+            client_spans(spans),
+        )
+
+    async def test_install_gives_redis_the_apps_provider(self, redis_url, spans):
+        """bastion.install instruments its Redis client with the app's own provider."""
+        exporter = InMemorySpanExporter()
+        runtime = bastion.install(
+            Starlette(), redis={"url": redis_url}, database={"enabled": False}
+        )
+        assert runtime.tracing is not None
+        runtime.tracing.provider.add_span_processor(SimpleSpanProcessor(exporter))
+        try:
+            with runtime.tracing.tracer.start_as_current_span("request"):
+                await runtime.redis.ping()
+        finally:
+            await runtime.redis.aclose()
+            await runtime.tracing.shutdown()
+        assert ["PING"] == [s.name for s in client_spans(exporter)]
+
+    async def test_install_gives_the_database_the_apps_provider(self, sqlite_url):
+        """bastion.install builds its Database with the app's own provider."""
+        exporter = InMemorySpanExporter()
+        runtime = bastion.install(Starlette(), database={"url": sqlite_url})
+        assert runtime.tracing is not None
+        assert runtime.database is not None
+        runtime.tracing.provider.add_span_processor(SimpleSpanProcessor(exporter))
+        try:
+            with runtime.tracing.tracer.start_as_current_span("request"):
+                await runtime.database.ping()
+        finally:
+            await runtime.database.aclose()
+            await runtime.tracing.shutdown()
+        assert ["SELECT"] == [s.name for s in client_spans(exporter)]

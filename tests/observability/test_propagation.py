@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
@@ -20,30 +18,6 @@ from bastion.observability._propagation import (
 )
 
 NATS_URL = "nats://127.0.0.1:4222"
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    """Spans that bastion's helpers make through the global provider, for this test only."""
-    exporter = InMemorySpanExporter()
-    processor = SimpleSpanProcessor(exporter)
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        # set_tracer_provider works once per process; whoever comes first sets it.
-        trace.set_tracer_provider(TracerProvider())
-        provider = trace.get_tracer_provider()
-    assert isinstance(provider, TracerProvider)
-    provider.add_span_processor(processor)
-    yield exporter
-    processor.shutdown()
-
-
-@pytest.fixture
-def tracer(spans: InMemorySpanExporter) -> trace.Tracer:
-    """A tracer that always samples, for the test's own root spans."""
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(spans))
-    return provider.get_tracer("test")
 
 
 @pytest.fixture
@@ -140,3 +114,18 @@ class TestJetStream:
             "messaging.message.id": str(ack.seq),
         } == dict(consumer.attributes)
         assert "send" == producer.attributes["messaging.operation.type"]
+
+
+class TestTracerProvider:
+    def test_message_spans_use_the_given_provider(self, spans, own):
+        """producer_span/consumer_span(tracer_provider=p): both spans reach p's exporter only."""
+        provider, exporter = own
+        headers: dict[str, str] = {}
+        with producer_span("orders", system="nats", headers=headers, tracer_provider=provider):
+            pass
+        with consumer_span("orders", headers, system="nats", tracer_provider=provider):
+            pass
+        assert (["publish orders", "process orders"], []) == (
+            [s.name for s in exporter.get_finished_spans()],
+            list(spans.get_finished_spans()),
+        )

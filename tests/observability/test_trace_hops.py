@@ -1,14 +1,15 @@
 """Acceptance: one request crosses an HTTP hop and a message hop and stays one trace.
 
-App A (bastion installed, driven in process) calls app B (bastion installed,
-served by uvicorn on a real port) with an instrumented httpx client, then
-publishes on NATS JetStream; a consumer pulls the message and handles it in a
-span. Every span lands in one exporter, and the parent links must read
-server A -> client -> server B, and server A -> producer -> consumer.
+App A and app B are both bastion-installed, each exporting over OTLP/HTTP to one
+real :class:`~bastion.testing.OtlpReceiver`. A's handler calls B, served by
+uvicorn on a real port, through an httpx client instrumented with A's provider,
+then publishes on NATS JetStream inside a producer span; a consumer pulls the
+message and handles it inside a consumer span. The server spans are the
+middleware's own. From what the receiver decoded, the links must read
+server A -> client -> server B and server A -> producer -> consumer, in one trace.
 
-Until the request middleware's server span and ``bastion.testing.OtlpReceiver``
-are in, the handlers start their server spans themselves from the inbound
-headers and the spans are read from an ``InMemorySpanExporter``.
+Every span is made with an app's own provider, so the test holds whichever
+provider is the process's global one.
 """
 
 from __future__ import annotations
@@ -23,43 +24,32 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import uvicorn
-from fastapi import FastAPI, Request
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from fastapi import FastAPI
 
 import bastion
 from bastion.observability._client_spans import instrument_httpx
-from bastion.observability._propagation import consumer_span, extract_context, producer_span
-from bastion.testing import lifespan_client
+from bastion.observability._propagation import consumer_span, producer_span
+from bastion.testing import OtlpReceiver, ReceivedSpan, lifespan_client
 
 NATS_URL = "nats://127.0.0.1:4222"
 
 
 @pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    """Every span made through the global provider during this test."""
-    exporter = InMemorySpanExporter()
-    processor = SimpleSpanProcessor(exporter)
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        # set_tracer_provider works once per process; whoever comes first sets it.
-        trace.set_tracer_provider(TracerProvider())
-        provider = trace.get_tracer_provider()
-    assert isinstance(provider, TracerProvider)
-    provider.add_span_processor(processor)
-    yield exporter
-    processor.shutdown()
+def receiver() -> Iterator[OtlpReceiver]:
+    """A real OTLP/HTTP receiver both apps export to."""
+    with OtlpReceiver() as running:
+        yield running
 
 
-@pytest.fixture
-def server_tracer(spans: InMemorySpanExporter) -> trace.Tracer:
-    """Stands in for the middleware's server span: always samples, same exporter."""
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(spans))
-    return provider.get_tracer("test.server")
+def make_app(receiver: OtlpReceiver, service: str) -> FastAPI:
+    app = FastAPI()
+    bastion.install(
+        app,
+        database={"enabled": False},
+        logging={"access_log": False},
+        tracing={"exporter": "otlp-http", "endpoint": receiver.endpoint, "service_name": service},
+    )
+    return app
 
 
 def _free_port() -> int:
@@ -69,17 +59,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def app_b(server_tracer) -> Iterator[str]:
-    """The second bastion app, served by uvicorn on a real port in a thread."""
-    app = FastAPI()
-    bastion.install(app, database={"enabled": False}, logging={"access_log": False})
+def app_b(receiver: OtlpReceiver) -> Iterator[tuple[str, FastAPI]]:
+    """App B, served by uvicorn on a real port in a thread: (base URL, app)."""
+    app = make_app(receiver, "app-b")
 
     @app.get("/stock")
-    async def stock(request: Request) -> dict[str, int]:
-        with server_tracer.start_as_current_span(
-            "GET /stock", context=extract_context(request.headers), kind=SpanKind.SERVER
-        ):
-            return {"available": 3}
+    async def stock() -> dict[str, int]:
+        return {"available": 3}
 
     port = _free_port()
     server = uvicorn.Server(
@@ -92,9 +78,10 @@ def app_b(server_tracer) -> Iterator[str]:
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.01)
     assert server.started
-    yield f"http://127.0.0.1:{port}"
+    yield f"http://127.0.0.1:{port}", app
     server.should_exit = True
     thread.join(timeout=10)
+    assert not thread.is_alive()
 
 
 @pytest.fixture
@@ -117,45 +104,59 @@ async def jetstream(service_unavailable):
         await nc.close()
 
 
+def only(spans: list[ReceivedSpan], name: str) -> ReceivedSpan:
+    [span] = [span for span in spans if span.name == name]
+    return span
+
+
 class TestTraceAcrossHops:
-    async def test_http_and_message_hops_make_one_trace(
-        self, app_b, jetstream, spans, server_tracer
-    ):
+    async def test_http_and_message_hops_make_one_trace(self, receiver, app_b, jetstream):
         """Server A -> client -> server B and server A -> producer -> consumer, one trace id."""
         js, subject = jetstream
-        app_a = FastAPI()
-        bastion.install(app_a, database={"enabled": False}, logging={"access_log": False})
-        outbound = instrument_httpx(httpx.AsyncClient(timeout=5))
+        url_b, served_b = app_b
+        app_a = make_app(receiver, "app-a")
+        provider = app_a.state.bastion.tracing.provider
+        outbound = instrument_httpx(httpx.AsyncClient(timeout=5), tracer_provider=provider)
 
         @app_a.post("/orders")
-        async def order(request: Request) -> dict[str, int]:
-            with server_tracer.start_as_current_span(
-                "POST /orders", context=extract_context(request.headers), kind=SpanKind.SERVER
-            ):
-                available = (await outbound.get(f"{app_b}/stock")).json()["available"]
-                headers: dict[str, str] = {}
-                with producer_span(subject, system="nats", headers=headers):
-                    await js.publish(subject, b'{"order": 1}', headers=headers)
-                return {"available": available}
+        async def order() -> dict[str, int]:
+            available = (await outbound.get(f"{url_b}/stock")).json()["available"]
+            headers: dict[str, str] = {}
+            with producer_span(subject, system="nats", headers=headers, tracer_provider=provider):
+                await js.publish(subject, b'{"order": 1}', headers=headers)
+            return {"available": available}
 
+        # The consumer is part of app A (its provider); it runs inside A's lifespan,
+        # whose shutdown flushes A's spans to the receiver.
         async with outbound, lifespan_client(app_a) as client:
             assert 200 == (await client.post("/orders")).status_code
-        subscription = await js.pull_subscribe(subject)
-        [message] = await subscription.fetch(1, timeout=5)
-        with consumer_span(message.subject, message.headers, system="nats"):
-            await asyncio.sleep(0)  # the handler's work
-            await message.ack()
+            subscription = await js.pull_subscribe(subject)
+            [message] = await subscription.fetch(1, timeout=5)
+            with consumer_span(
+                message.subject, message.headers, system="nats", tracer_provider=provider
+            ):
+                await asyncio.sleep(0)  # the handler's work
+                await message.ack()
+        # A's shutdown flushed A; B still serves, so its queued span is flushed here
+        # rather than after the batch delay. Five spans: A's four and B's one.
+        await asyncio.to_thread(served_b.state.bastion.tracing.provider.force_flush)
+        spans = await receiver.wait_for_async(5)
 
-        by_name = {span.name: span for span in spans.get_finished_spans()}
-        server_a, client, server_b = by_name["POST /orders"], by_name["GET"], by_name["GET /stock"]
-        producer, consumer = by_name[f"publish {subject}"], by_name[f"process {subject}"]
-        assert {server_a.context.trace_id} == {
-            span.context.trace_id for span in (client, server_b, producer, consumer)
+        server_a, client_a = only(spans, "POST /orders"), only(spans, "GET")
+        server_b = only(spans, "GET /stock")
+        producer, consumer = only(spans, f"publish {subject}"), only(spans, f"process {subject}")
+        assert [
+            ("SERVER", "app-a"),
+            ("CLIENT", "app-a"),
+            ("SERVER", "app-b"),
+            ("PRODUCER", "app-a"),
+            ("CONSUMER", "app-a"),
+        ] == [(s.kind, s.service_name) for s in (server_a, client_a, server_b, producer, consumer)]
+        assert {server_a.trace_id} == {
+            span.trace_id for span in (client_a, server_b, producer, consumer)
         }
-        assert server_a.parent is None
-        assert server_a.context.span_id == client.parent.span_id
-        assert client.context.span_id == server_b.parent.span_id
-        assert server_b.parent.is_remote
-        assert server_a.context.span_id == producer.parent.span_id
-        assert producer.context.span_id == consumer.parent.span_id
-        assert consumer.parent.is_remote
+        assert server_a.parent_span_id is None
+        assert server_a.span_id == client_a.parent_span_id
+        assert client_a.span_id == server_b.parent_span_id
+        assert server_a.span_id == producer.parent_span_id
+        assert producer.span_id == consumer.parent_span_id

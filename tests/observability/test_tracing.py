@@ -7,6 +7,10 @@ import sys
 import pytest
 import structlog
 from fastapi import FastAPI
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
@@ -14,6 +18,7 @@ from starlette.routing import Route
 import bastion
 from bastion.errors import ConfigurationError
 from bastion.observability import build_tracing
+from bastion.observability._tracing import Tracing
 from bastion.settings import TracingSettings
 from bastion.testing import OtlpReceiver, lifespan_client
 
@@ -205,6 +210,42 @@ class TestExport:
         )
         with pytest.raises(ConfigurationError, match=r'pip install "bastion\[otlp\]"'):
             build_tracing(TracingSettings(exporter="otlp-grpc"))
+
+
+class TestShutdown:
+    async def test_own_provider_is_flushed_and_shut_down(self):
+        """An app's provider that is not the global one exports what it queued, then stops."""
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+        tracing = Tracing(provider, provider.get_tracer("test"), trace_operational=False)
+        assert provider is not trace.get_tracer_provider()
+        tracing.tracer.start_span("queued").end()
+        await tracing.shutdown()
+        provider.get_tracer("test").start_span("after").end()
+        assert ["queued"] == [span.name for span in exporter.get_finished_spans()]
+
+    async def test_global_provider_is_flushed_and_keeps_working(self):
+        """The global provider is flushed only: spans made after an app's shutdown still export."""
+        global_provider = trace.get_tracer_provider()
+        if not isinstance(global_provider, TracerProvider):
+            trace.set_tracer_provider(TracerProvider())
+            global_provider = trace.get_tracer_provider()
+        assert isinstance(global_provider, TracerProvider)
+        exporter = InMemorySpanExporter()
+        processor = BatchSpanProcessor(exporter)
+        global_provider.add_span_processor(processor)
+        tracing = Tracing(global_provider, global_provider.get_tracer("test"), False)
+        try:
+            tracing.tracer.start_span("queued").end()
+            await tracing.shutdown()
+            flushed = [span.name for span in exporter.get_finished_spans()]
+            trace.get_tracer("later").start_span("after").end()
+            processor.force_flush()
+            names = [span.name for span in exporter.get_finished_spans()]
+        finally:
+            processor.shutdown()
+        assert (["queued"], ["queued", "after"]) == (flushed, names)
 
 
 class TestLogCorrelation:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
@@ -21,6 +21,9 @@ from bastion.backends import BackendKind, backend_kind, import_optional, redact_
 from bastion.data._instrumentation import InstrumentedQueuePool, instrument
 from bastion.errors import ConfigurationError
 from bastion.settings import DatabaseSettings
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 __all__ = ["Database"]
 
@@ -41,6 +44,8 @@ class Database:
             statement's template, never its values); ``install`` passes
             ``tracing.enabled and tracing.trace_database``. Off, the engine
             carries no tracing listener.
+        tracer_provider: the provider of the statements' spans; the global one
+            when omitted. ``install`` passes the app's, so they reach its exporter.
 
     Example:
         >>> db = Database(DatabaseSettings(url="sqlite+aiosqlite:///./var/app.db"))
@@ -50,7 +55,12 @@ class Database:
     """
 
     def __init__(
-        self, settings: DatabaseSettings, *, name: str = "default", trace: bool = False
+        self,
+        settings: DatabaseSettings,
+        *,
+        name: str = "default",
+        trace: bool = False,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.settings = settings
         self.name = name
@@ -58,7 +68,9 @@ class Database:
         self.kind = backend_kind(url)
         self.display_url = redact_url(url)
         self.engine: AsyncEngine = _create_engine(url, settings, self.kind)
-        instrument(self.engine, name=name, settings=settings, trace=trace)
+        instrument(
+            self.engine, name=name, settings=settings, trace=trace, tracer_provider=tracer_provider
+        )
         self.sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(
             self.engine, expire_on_commit=False
         )

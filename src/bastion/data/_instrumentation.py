@@ -85,7 +85,7 @@ _LEADING_WORD: Final = re.compile(r"[\s(]*([A-Za-z]+)")
 _WHITESPACE: Final = re.compile(r"\s+")
 _STARTED: Final = "_bastion_started"
 _SPAN: Final = "_bastion_span"
-_tracer = otel_trace.get_tracer("bastion.data")
+_TRACER_SCOPE: Final = "bastion.data"
 
 
 # Compiled statements come from SQLAlchemy's cache as the same str objects, whose
@@ -369,9 +369,15 @@ class StatementTracer:
 
     Args:
         engine: the engine whose statements are traced.
+        tracer_provider: the provider the spans are made with; the global one
+            when omitted (``install`` passes the app's).
     """
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, tracer_provider: otel_trace.TracerProvider | None = None
+    ) -> None:
+        # Resolved once: a proxy tracer until a global provider is set when None.
+        self._tracer = otel_trace.get_tracer(_TRACER_SCOPE, tracer_provider=tracer_provider)
         url = engine.url
         self.system = "postgresql" if engine.dialect.name == "postgresql" else engine.dialect.name
         self.attributes: dict[str, str | int] = {"db.system.name": self.system}
@@ -405,7 +411,7 @@ class StatementTracer:
         if context is None or not otel_trace.get_current_span().is_recording():
             return
         verb = statement_verb(statement)
-        span = _tracer.start_span(
+        span = self._tracer.start_span(
             verb,
             kind=SpanKind.CLIENT,
             attributes={
@@ -457,7 +463,12 @@ class StatementTracer:
 
 
 def instrument(
-    engine: AsyncEngine, *, name: str, settings: DatabaseSettings, trace: bool = False
+    engine: AsyncEngine,
+    *,
+    name: str,
+    settings: DatabaseSettings,
+    trace: bool = False,
+    tracer_provider: otel_trace.TracerProvider | None = None,
 ) -> PoolMeter | None:
     """Attach bastion's metrics and slow-query log to ``engine``.
 
@@ -469,13 +480,15 @@ def instrument(
         settings: the ``database`` section (``slow_query_threshold``, ``pool_wait_warning``).
         trace: add a span per statement (:class:`StatementTracer`); install passes
             ``tracing.enabled and tracing.trace_database``.
+        tracer_provider: the provider of those spans; the global one when
+            omitted (install passes the app's).
 
     Returns:
         The pool's meter, or ``None`` when the pool is not measured.
     """
     QueryMeter(engine.dialect.name, slow_threshold=settings.slow_query_threshold).listen(engine)
     if trace:
-        StatementTracer(engine).listen(engine)
+        StatementTracer(engine, tracer_provider=tracer_provider).listen(engine)
     pool = engine.sync_engine.pool
     if not isinstance(pool, InstrumentedQueuePool):
         return None

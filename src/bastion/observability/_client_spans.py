@@ -13,6 +13,12 @@ the library for the whole process.
 - :func:`instrument_redis` wraps one ``redis.asyncio.Redis`` client's commands
   and pipelines; a span is made only inside a sampled trace, never with the
   command's arguments.
+
+Each takes ``tracer_provider=``, as OpenTelemetry's own instrumentations do,
+defaulting to the global provider. ``install`` passes the app's own, so the
+boundary spans of an app reach its exporter even when another app (or the
+application itself) owns the global provider. The tracer is resolved once,
+when the client is instrumented, never per call.
 """
 
 from __future__ import annotations
@@ -30,8 +36,8 @@ if TYPE_CHECKING:
 
 __all__ = ["TracingTransport", "instrument_httpx", "instrument_redis", "redacted_url"]
 
-_http_tracer = trace.get_tracer("bastion.http_client")
-_redis_tracer = trace.get_tracer("bastion.redis")
+_HTTP_SCOPE: Final = "bastion.http_client"
+_REDIS_SCOPE: Final = "bastion.redis"
 
 # Semantic conventions: methods outside this set are reported as ``_OTHER``, so a
 # caller's made-up method can never mint a new span name.
@@ -79,13 +85,23 @@ class TracingTransport(httpx.AsyncBaseTransport):
     Args:
         transport: the transport that does the I/O; a new
             ``httpx.AsyncHTTPTransport()`` when omitted.
+        tracer_provider: the provider the spans are made with; the global one
+            when omitted (``app.state.bastion.tracing.provider`` is the app's).
 
     Example:
         >>> client = httpx.AsyncClient(transport=TracingTransport())
     """
 
-    def __init__(self, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        transport: httpx.AsyncBaseTransport | None = None,
+        *,
+        tracer_provider: trace.TracerProvider | None = None,
+    ) -> None:
         self.transport = transport if transport is not None else httpx.AsyncHTTPTransport()
+        # With no provider this is a proxy tracer until a global provider is set,
+        # then that provider's: the same as a module-level get_tracer.
+        self._tracer = trace.get_tracer(_HTTP_SCOPE, tracer_provider=tracer_provider)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` inside a CLIENT span, with the span's context in its headers."""
@@ -101,7 +117,7 @@ class TracingTransport(httpx.AsyncBaseTransport):
             attributes["http.request.method_original"] = method
         # The span is made current only for the injection and the inner transport,
         # so nothing the caller does after the headers arrive lands inside it.
-        with _http_tracer.start_as_current_span(
+        with self._tracer.start_as_current_span(
             method if method in _METHODS else "HTTP",
             kind=SpanKind.CLIENT,
             attributes=attributes,
@@ -125,7 +141,10 @@ class TracingTransport(httpx.AsyncBaseTransport):
 
 
 def instrument_httpx(
-    client: httpx.AsyncClient, *, settings: TracingSettings | None = None
+    client: httpx.AsyncClient,
+    *,
+    settings: TracingSettings | None = None,
+    tracer_provider: trace.TracerProvider | None = None,
 ) -> httpx.AsyncClient:
     """Trace every request ``client`` sends: wrap its transports in :class:`TracingTransport`.
 
@@ -138,13 +157,19 @@ def instrument_httpx(
         settings: the ``tracing`` section; when given and ``enabled`` or
             ``trace_http_client`` is off, the client is left as it is and costs
             nothing more.
+        tracer_provider: the provider the spans are made with; the global one
+            when omitted. Pass the app's so its calls reach its exporter.
 
     Returns:
         ``client``, for chaining.
 
     Example:
-        >>> tracing = app.state.bastion.settings.tracing
-        >>> client = instrument_httpx(httpx.AsyncClient(), settings=tracing)
+        >>> runtime = app.state.bastion
+        >>> client = instrument_httpx(
+        ...     httpx.AsyncClient(),
+        ...     settings=runtime.settings.tracing,
+        ...     tracer_provider=runtime.tracing.provider,
+        ... )
     """
     if settings is not None and not (settings.enabled and settings.trace_http_client):
         return client
@@ -152,11 +177,11 @@ def instrument_httpx(
     # own options (TLS, limits, proxies); wrapping them in place keeps those
     # options, as opentelemetry-instrumentation-httpx's instrument_client does.
     if not isinstance(client._transport, TracingTransport):
-        client._transport = TracingTransport(client._transport)
+        client._transport = TracingTransport(client._transport, tracer_provider=tracer_provider)
     mounts = client._mounts
     for pattern, transport in mounts.items():
         if transport is not None and not isinstance(transport, TracingTransport):
-            mounts[pattern] = TracingTransport(transport)
+            mounts[pattern] = TracingTransport(transport, tracer_provider=tracer_provider)
     return client
 
 
@@ -164,7 +189,7 @@ _Execute = Callable[..., Coroutine[Any, Any, Any]]
 _INSTRUMENTED: Final = "_bastion_traced"
 
 
-def instrument_redis(client: Any) -> Any:
+def instrument_redis(client: Any, tracer_provider: trace.TracerProvider | None = None) -> Any:
     """Give each command and pipeline of one ``redis.asyncio.Redis`` client a CLIENT span.
 
     A command's span is named by the command (``GET``, ``HSET``) and carries
@@ -177,6 +202,8 @@ def instrument_redis(client: Any) -> Any:
 
     Args:
         client: a ``redis.asyncio.Redis`` client, instrumented in place.
+        tracer_provider: the provider the spans are made with; the global one
+            when omitted (``install`` passes the app's).
 
     Returns:
         ``client``, for chaining.
@@ -197,6 +224,7 @@ def instrument_redis(client: Any) -> Any:
     elif "path" in kwargs:
         base["server.address"] = kwargs["path"]
 
+    tracer = trace.get_tracer(_REDIS_SCOPE, tracer_provider=tracer_provider)
     execute: _Execute = client.execute_command
 
     @functools.wraps(execute)
@@ -204,7 +232,7 @@ def instrument_redis(client: Any) -> Any:
         if not trace.get_current_span().is_recording():
             return await execute(*args, **options)
         name = _command_name(args[0]) if args else "UNKNOWN"
-        with _redis_tracer.start_as_current_span(
+        with tracer.start_as_current_span(
             name, kind=SpanKind.CLIENT, attributes={**base, "db.operation.name": name}
         ):
             return await execute(*args, **options)
@@ -214,7 +242,7 @@ def instrument_redis(client: Any) -> Any:
     @functools.wraps(make_pipeline)
     def pipeline(*args: Any, **kwargs: Any) -> Any:
         pipe = make_pipeline(*args, **kwargs)
-        pipe.execute = _traced_pipeline(pipe, base)
+        pipe.execute = _traced_pipeline(pipe, base, tracer)
         return pipe
 
     client.execute_command = execute_command
@@ -223,7 +251,7 @@ def instrument_redis(client: Any) -> Any:
     return client
 
 
-def _traced_pipeline(pipe: Any, base: dict[str, str | int]) -> _Execute:
+def _traced_pipeline(pipe: Any, base: dict[str, str | int], tracer: trace.Tracer) -> _Execute:
     execute: _Execute = pipe.execute
 
     @functools.wraps(execute)
@@ -236,7 +264,7 @@ def _traced_pipeline(pipe: Any, base: dict[str, str | int]) -> _Execute:
             "db.operation.name": name,
             "db.operation.batch.size": len(pipe.command_stack),
         }
-        with _redis_tracer.start_as_current_span(name, kind=SpanKind.CLIENT, attributes=attributes):
+        with tracer.start_as_current_span(name, kind=SpanKind.CLIENT, attributes=attributes):
             return await execute(*args, **kwargs)
 
     return traced

@@ -23,6 +23,7 @@ application makes, not a default.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,9 +72,23 @@ class Tracing:
     trace_operational: bool
 
     async def shutdown(self) -> None:
-        """Export what is queued and stop the exporter; a lifecycle shutdown hook."""
-        # BatchSpanProcessor.shutdown flushes its queue before stopping the worker.
-        self.provider.shutdown()
+        """Export what is queued; stop the exporter unless the provider is the global one.
+
+        A lifecycle shutdown hook. The app's spans are always flushed. Its
+        provider is shut down only when it is not OpenTelemetry's global
+        provider: that one cannot be replaced once set, so shutting it down
+        would silently drop every later span of the process (libraries',
+        other apps' boundary spans, an app installed next in the same
+        process). The global provider is the process's, not the app's: the
+        SDK shuts it down at interpreter exit (``shutdown_on_exit``), after a
+        last flush.
+        """
+        # Both block on the exporter (bounded by its timeout): off the event loop.
+        if self.provider is trace.get_tracer_provider():
+            await asyncio.to_thread(self.provider.force_flush)
+        else:
+            # BatchSpanProcessor.shutdown flushes its queue before stopping the worker.
+            await asyncio.to_thread(self.provider.shutdown)
 
 
 def build_tracing(settings: TracingSettings) -> Tracing:

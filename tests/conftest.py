@@ -21,6 +21,14 @@ from pathlib import Path
 
 import pytest
 import structlog
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+
+# The process's global tracer provider is the tests' own, recording every span,
+# set before any app is built: bastion claims the global provider only when none
+# is set, so no test depends on which app the suite happened to build first
+# (an app without an exporter records no new trace of its own).
+trace.set_tracer_provider(TracerProvider())
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "BASTION_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"

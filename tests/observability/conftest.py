@@ -10,15 +10,16 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from bastion.testing import OtlpReceiver
+
 
 @pytest.fixture
 def spans() -> Iterator[InMemorySpanExporter]:
     """Spans made during this test through the global provider and through ``provider``.
 
-    Helpers called without ``tracer_provider=`` use the global provider; it is
-    set once per process (whoever comes first, an app or this fixture) and is
-    never shut down by an app (``Tracing.shutdown`` only flushes it), so a
-    processor added here sees this test's spans whichever provider it is.
+    Helpers called without ``tracer_provider=`` use the global provider, which
+    tests/conftest.py sets to the tests' own recording provider before any app is
+    built; a processor added here sees this test's spans.
     """
     exporter = InMemorySpanExporter()
     processor = SimpleSpanProcessor(exporter)
@@ -55,3 +56,14 @@ def own() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     yield provider, exporter
     provider.shutdown()
+
+
+@pytest.fixture
+def recording() -> Iterator[dict[str, str]]:
+    """Tracing settings under which an app records its spans (an exporter to a real receiver).
+
+    With no exporter bastion records no new trace (nothing would read it), so a test
+    that inspects an app's spans gives it one.
+    """
+    with OtlpReceiver() as receiver:
+        yield {"exporter": "otlp-http", "endpoint": receiver.endpoint}

@@ -214,14 +214,14 @@ class TestRedis:
         assert [] == client_spans(spans)
 
     @pytest.mark.parametrize("trace_redis", [True, False])
-    async def test_install_follows_trace_redis(self, redis_url, trace_redis):
+    async def test_install_follows_trace_redis(self, redis_url, trace_redis, recording):
         """bastion.install instruments its Redis client only when tracing.trace_redis is on."""
         exporter = InMemorySpanExporter()
         runtime = bastion.install(
             Starlette(),
             redis={"url": redis_url},
             database={"enabled": False},
-            tracing={"trace_redis": trace_redis},
+            tracing={"trace_redis": trace_redis, **recording},
         )
         runtime.tracing.provider.add_span_processor(SimpleSpanProcessor(exporter))
         try:
@@ -277,11 +277,11 @@ class TestTracerProvider:
             client_spans(spans),
         )
 
-    async def test_install_gives_redis_the_apps_provider(self, redis_url, spans):
+    async def test_install_gives_redis_the_apps_provider(self, redis_url, spans, recording):
         """bastion.install instruments its Redis client with the app's own provider."""
         exporter = InMemorySpanExporter()
         runtime = bastion.install(
-            Starlette(), redis={"url": redis_url}, database={"enabled": False}
+            Starlette(), redis={"url": redis_url}, database={"enabled": False}, tracing=recording
         )
         assert runtime.tracing is not None
         runtime.tracing.provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -293,10 +293,10 @@ class TestTracerProvider:
             await runtime.tracing.shutdown()
         assert ["PING"] == [s.name for s in client_spans(exporter)]
 
-    async def test_install_gives_the_database_the_apps_provider(self, sqlite_url):
+    async def test_install_gives_the_database_the_apps_provider(self, sqlite_url, recording):
         """bastion.install builds its Database with the app's own provider."""
         exporter = InMemorySpanExporter()
-        runtime = bastion.install(Starlette(), database={"url": sqlite_url})
+        runtime = bastion.install(Starlette(), database={"url": sqlite_url}, tracing=recording)
         assert runtime.tracing is not None
         assert runtime.database is not None
         runtime.tracing.provider.add_span_processor(SimpleSpanProcessor(exporter))

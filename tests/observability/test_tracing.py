@@ -11,6 +11,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
@@ -270,3 +271,30 @@ class TestLogCorrelation:
             app.state.bastion.tracing,
             {(records[e]["trace_id"], records[e]["span_id"]) for e in ("reading item", "request")},
         )
+
+
+class TestNoExporter:
+    def test_new_traces_get_ids_but_are_not_recorded(self):
+        """With no exporter a new trace is not recorded, yet has ids for logs and traceparent."""
+        tracing = build_tracing(TracingSettings(exporter="none", sample_ratio=1.0))
+        span = tracing.tracer.start_span("work")
+        context = span.get_span_context()
+        assert (False, True, False) == (
+            span.is_recording(),
+            context.is_valid,
+            context.trace_flags.sampled,
+        )
+
+    def test_a_sampled_caller_keeps_its_flag(self):
+        """An inbound sampled parent is still recorded, so its sampled flag is passed on."""
+
+        tracing = build_tracing(TracingSettings(exporter="none"))
+        remote = SpanContext(
+            int(TRACE_ID, 16),
+            int(PARENT_ID, 16),
+            is_remote=True,
+            trace_flags=TraceFlags(TraceFlags.SAMPLED),
+        )
+        parent = trace.set_span_in_context(NonRecordingSpan(remote))
+        span = tracing.tracer.start_span("work", context=parent)
+        assert (True, True) == (span.is_recording(), span.get_span_context().trace_flags.sampled)

@@ -9,6 +9,8 @@ from enum import Enum
 
 from starlette.requests import Request
 
+from bastion.errors import Forbidden, Unauthenticated
+
 __all__ = ["AccessDecision", "AccessPolicy"]
 
 
@@ -62,3 +64,25 @@ class AccessPolicy:
     def allows(self, request: Request) -> bool:
         """Return whether ``request`` is admitted."""
         return self.decide(request) is AccessDecision.ALLOWED
+
+    def require(self, request: Request, *, subject: str, realm: str) -> None:
+        """Raise unless ``request`` is admitted.
+
+        Args:
+            request: the incoming request.
+            subject: what is guarded, for the problem's detail (``/admin``).
+            realm: the ``WWW-Authenticate`` realm asked of a caller without the token.
+
+        Raises:
+            Forbidden: the caller is outside the allowed networks.
+            Unauthenticated: the token is set and the caller's is missing or wrong.
+        """
+        decision = self.decide(request)
+        if decision is AccessDecision.ALLOWED:
+            return
+        if decision is AccessDecision.NETWORK_DENIED:
+            raise Forbidden(f"Access to {subject} is restricted to allowed networks.")
+        raise Unauthenticated(
+            f"Access to {subject} needs a valid bearer token.",
+            headers={"WWW-Authenticate": f'Bearer realm="{realm}"'},
+        )

@@ -16,9 +16,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bastion._access import AccessDecision, AccessPolicy
+from bastion._access import AccessPolicy
 from bastion.data import MigrationError, Migrator
-from bastion.errors import FieldError, Forbidden, InvalidInput, ServiceUnavailable, Unauthenticated
+from bastion.errors import FieldError, InvalidInput, ServiceUnavailable
 from bastion.observability._health import operational_route
 
 __all__ = ["ADMIN_PREFIX", "AdminRoutes"]
@@ -95,14 +95,7 @@ class AdminRoutes:
         access = self._access
 
         async def guarded(request: Request) -> Response:
-            decision = access.decide(request)
-            if decision is AccessDecision.NETWORK_DENIED:
-                raise Forbidden("The admin endpoints are restricted to allowed networks.")
-            if decision is not AccessDecision.ALLOWED:
-                raise Unauthenticated(
-                    "The admin endpoints need a valid bearer token.",
-                    headers={"WWW-Authenticate": 'Bearer realm="bastion-admin"'},
-                )
+            access.require(request, subject="/admin", realm="bastion-admin")
             return await endpoint(request)
 
         return guarded

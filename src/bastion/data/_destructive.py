@@ -425,6 +425,8 @@ def _generic(type_: types.TypeEngine[Any]) -> types.TypeEngine[Any]:
     try:
         return type_.as_generic()
     except NotImplementedError:
+        # SQLAlchemy's own signal for a dialect type with no generic counterpart
+        # (PostgreSQL's INET, say): compare it as it is.
         return type_
 
 

@@ -290,9 +290,14 @@ class QueryMeter:
         slow_threshold: seconds above which a statement is logged and counted.
     """
 
-    def __init__(self, system: str, *, slow_threshold: float) -> None:
+    def __init__(
+        self, system: str, *, slow_threshold: float, tracer: StatementTracer | None = None
+    ) -> None:
         self.system = system
         self.slow_threshold = slow_threshold
+        # One set of engine listeners serves the metrics and the spans: every
+        # listener SQLAlchemy dispatches costs each statement a few microseconds.
+        self.tracer = tracer
         self._durations: dict[str, Histogram] = {}
 
     def listen(self, engine: AsyncEngine) -> None:
@@ -311,8 +316,10 @@ class QueryMeter:
         context: ExecutionContext | None,
         executemany: bool,
     ) -> None:
-        """Note when the statement starts, on its execution context."""
+        """Start the statement's span, if traced, and note when the statement starts."""
         if context is not None:
+            if self.tracer is not None:
+                self.tracer.start(statement, context)
             setattr(context, _STARTED, time.perf_counter())
 
     def after_cursor_execute(  # noqa: PLR0917 -- SQLAlchemy's listener signature
@@ -324,10 +331,12 @@ class QueryMeter:
         context: ExecutionContext | None,
         executemany: bool,
     ) -> None:
-        """Observe the statement's duration; log it when slow."""
+        """Observe the statement's duration, log it when slow, and end its span."""
         started = getattr(context, _STARTED, None)
         if started is not None:
             self._observe(statement, time.perf_counter() - started, failed=False)
+        if self.tracer is not None:
+            self.tracer.end(context)
 
     def handle_error(self, exception_context: ExceptionContext) -> None:
         """Observe a failed statement too: one cancelled by a timeout is the slowest of all."""
@@ -336,6 +345,8 @@ class QueryMeter:
         statement = exception_context.statement
         if started is not None and statement is not None:
             self._observe(statement, time.perf_counter() - started, failed=True)
+        if self.tracer is not None:
+            self.tracer.fail(exception_context)
 
     def _observe(self, statement: str, duration: float, *, failed: bool) -> None:
         verb = statement_verb(statement)
@@ -389,26 +400,11 @@ class StatementTracer:
             self.attributes["db.namespace"] = url.database
         self._templates: dict[str, str] = {}
 
-    def listen(self, engine: AsyncEngine) -> None:
-        """Attach the listeners to ``engine``'s sync engine."""
-        target = engine.sync_engine
-        event.listen(target, "before_cursor_execute", self.before_cursor_execute)
-        event.listen(target, "after_cursor_execute", self.after_cursor_execute)
-        event.listen(target, "handle_error", self.handle_error)
-
-    def before_cursor_execute(  # noqa: PLR0917 -- SQLAlchemy's listener signature
-        self,
-        conn: Connection,
-        cursor: Any,
-        statement: str,
-        parameters: Any,
-        context: ExecutionContext | None,
-        executemany: bool,
-    ) -> None:
+    def start(self, statement: str, context: ExecutionContext) -> None:
         """Start the statement's span when a sampled span is current."""
         # SQLAlchemy runs the sync listeners in a greenlet that shares the
         # caller's contextvars, so the request's span is the current one here.
-        if context is None or not otel_trace.get_current_span().is_recording():
+        if not otel_trace.get_current_span().is_recording():
             return
         verb = statement_verb(statement)
         span = self._tracer.start_span(
@@ -422,22 +418,14 @@ class StatementTracer:
         )
         setattr(context, _SPAN, span)
 
-    def after_cursor_execute(  # noqa: PLR0917 -- SQLAlchemy's listener signature
-        self,
-        conn: Connection,
-        cursor: Any,
-        statement: str,
-        parameters: Any,
-        context: ExecutionContext | None,
-        executemany: bool,
-    ) -> None:
+    def end(self, context: ExecutionContext | None) -> None:
         """End the statement's span."""
         span: Span | None = getattr(context, _SPAN, None)
         if span is not None:
             setattr(context, _SPAN, None)
             span.end()
 
-    def handle_error(self, exception_context: ExceptionContext) -> None:
+    def fail(self, exception_context: ExceptionContext) -> None:
         """End a failed statement's span in error."""
         context = exception_context.execution_context
         span: Span | None = getattr(context, _SPAN, None)
@@ -486,9 +474,10 @@ def instrument(
     Returns:
         The pool's meter, or ``None`` when the pool is not measured.
     """
-    QueryMeter(engine.dialect.name, slow_threshold=settings.slow_query_threshold).listen(engine)
-    if trace:
-        StatementTracer(engine, tracer_provider=tracer_provider).listen(engine)
+    tracer = StatementTracer(engine, tracer_provider=tracer_provider) if trace else None
+    QueryMeter(
+        engine.dialect.name, slow_threshold=settings.slow_query_threshold, tracer=tracer
+    ).listen(engine)
     pool = engine.sync_engine.pool
     if not isinstance(pool, InstrumentedQueuePool):
         return None

@@ -24,8 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bastion._access import AccessDecision, AccessPolicy
-from bastion.errors import Forbidden, Unauthenticated
+from bastion._access import AccessPolicy
 from bastion.observability._health import operational_route
 from bastion.settings import MetricsSettings
 
@@ -101,14 +100,7 @@ class MetricsEndpoint:
             Unauthenticated: ``metrics.token`` is set and the caller's bearer
                 token is missing or wrong.
         """
-        decision = self._access.decide(request)
-        if decision is AccessDecision.NETWORK_DENIED:
-            raise Forbidden("The metrics endpoint is restricted to allowed networks.")
-        if decision is not AccessDecision.ALLOWED:
-            raise Unauthenticated(
-                "The metrics endpoint needs a valid bearer token.",
-                headers={"WWW-Authenticate": 'Bearer realm="bastion-metrics"'},
-            )
+        self._access.require(request, subject="the metrics", realm="bastion-metrics")
         encoder, content_type = choose_encoder(request.headers.get("accept", ""))
         # Off the event loop: collecting reads every family (and, across workers,
         # every worker's files); a large registry takes milliseconds that

@@ -137,14 +137,7 @@ def producer_span(
     Yields:
         The span, to add attributes to.
     """
-    attributes: dict[str, str] = {
-        MESSAGING_SYSTEM: system,
-        DESTINATION: destination,
-        OPERATION_NAME: "publish",
-        OPERATION_TYPE: "send",
-    }
-    if message_id is not None:
-        attributes[MESSAGE_ID] = message_id
+    attributes = _attributes(system, destination, "publish", "send", message_id)
     with _tracer_of(tracer_provider).start_as_current_span(
         f"publish {destination}", kind=SpanKind.PRODUCER, attributes=attributes
     ) as span:
@@ -180,14 +173,7 @@ def consumer_span(
     Yields:
         The span, to add attributes to.
     """
-    attributes: dict[str, str] = {
-        MESSAGING_SYSTEM: system,
-        DESTINATION: destination,
-        OPERATION_NAME: "process",
-        OPERATION_TYPE: "process",
-    }
-    if message_id is not None:
-        attributes[MESSAGE_ID] = message_id
+    attributes = _attributes(system, destination, "process", "process", message_id)
     with _tracer_of(tracer_provider).start_as_current_span(
         f"process {destination}",
         context=extract_context(headers),
@@ -195,3 +181,18 @@ def consumer_span(
         attributes=attributes,
     ) as span:
         yield span
+
+
+def _attributes(
+    system: str, destination: str, operation: str, kind: str, message_id: str | None
+) -> dict[str, str]:
+    """The messaging semantic-convention attributes of a producer or consumer span."""
+    attributes = {
+        MESSAGING_SYSTEM: system,
+        DESTINATION: destination,
+        OPERATION_NAME: operation,
+        OPERATION_TYPE: kind,
+    }
+    if message_id is not None:
+        attributes[MESSAGE_ID] = message_id
+    return attributes

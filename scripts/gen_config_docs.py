@@ -44,12 +44,33 @@ is read from them.
 """
 
 
+def _strip_annotated(text: str) -> str:
+    """Drop ``Annotated[...]`` metadata (validators print with their memory address)."""
+    while (start := text.find("Annotated[")) != -1:
+        depth, index = 0, start + len("Annotated[")
+        inner_start, comma = index, None
+        while True:
+            char = text[index]
+            if char == "[":
+                depth += 1
+            elif char == "]":
+                if depth == 0:
+                    break
+                depth -= 1
+            elif char == "," and depth == 0 and comma is None:
+                comma = index
+            index += 1
+        text = text[:start] + text[inner_start:comma] + text[index + 1 :]
+    return text
+
+
 def _type_name(info: FieldInfo) -> str:
     annotation: Any = info.annotation
     text = getattr(annotation, "__name__", None) or str(annotation)
     text = str(annotation) if "[" in str(annotation) or "|" in str(annotation) else text
     return (
-        text.replace("|", "\\|")
+        _strip_annotated(text)
+        .replace("|", "\\|")
         .replace("typing.", "")
         .replace("pydantic.types.", "")
         .replace("<class '", "")

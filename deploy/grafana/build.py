@@ -591,6 +591,67 @@ DEPENDENCIES = (
         ),
     ),
     Row(
+        "Resilience pipelines",
+        (
+            Panel(
+                "Calls by dependency and outcome",
+                (
+                    Query(
+                        "sum by (dependency, outcome) "
+                        f"(rate(bastion_resilience_calls_total{{{SEL}}}[{RATE}]))",
+                        "{{dependency}} {{outcome}}",
+                    ),
+                ),
+                unit="ops",
+                description="success, failure (after retries), timeout, circuit_open and "
+                "bulkhead_full (rejected without a call).",
+            ),
+            Panel(
+                "Fallbacks and spent retry budgets",
+                (
+                    Query(
+                        "sum by (dependency) "
+                        f"(rate(bastion_resilience_fallbacks_total{{{SEL}}}[{RATE}]))",
+                        "{{dependency}} fallback",
+                    ),
+                    Query(
+                        "sum by (dependency) "
+                        f"(rate(bastion_retry_budget_exhausted_total{{{SEL}}}[{RATE}]))",
+                        "{{dependency}} retry not made (budget)",
+                    ),
+                ),
+                unit="ops",
+            ),
+            Panel(
+                "Degraded dependencies",
+                (
+                    Query(
+                        f"max by (dependency) (bastion_dependency_degraded{{{SEL}}})",
+                        "{{dependency}}",
+                    ),
+                    Query(
+                        "sum by (dependency) "
+                        f"(increase(bastion_dependency_outages_total{{{SEL}}}[{RATE}]))",
+                        "{{dependency}} outages",
+                    ),
+                ),
+                description="1 while a non-critical dependency (Redis, say) is out and its "
+                "feature runs on local state; outages are counted once each.",
+            ),
+            Panel(
+                "Requests past their deadline (504)",
+                (
+                    Query(
+                        "sum by (http_route) "
+                        f"(rate(bastion_http_request_deadline_exceeded_total{{{SEL}}}[{RATE}]))",
+                        "{{http_route}}",
+                    ),
+                ),
+                unit="ops",
+            ),
+        ),
+    ),
+    Row(
         "Outbox",
         (
             Panel(

@@ -10,11 +10,13 @@ from typing import Any
 
 import structlog
 from starlette.applications import Starlette
-from starlette.routing import BaseRoute
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
 
 from bastion._access import AccessPolicy
 from bastion._admin import AdminRoutes
-from bastion.backends import import_optional, redact_url
+from bastion.backends import BackendKind, backend_kind, import_optional, redact_url
 from bastion.data import Database, MigrationTree, Migrator
 from bastion.data._transaction import default_database, use_database
 from bastion.errors import (
@@ -33,8 +35,12 @@ from bastion.observability import (
     install_exception_handlers,
     instrument_redis,
 )
+from bastion.observability._health import _forbidden, operational_route
 from bastion.observability._http_metrics import HttpMetrics
 from bastion.observability._tracing import Tracing, build_tracing
+from bastion.resilience import Resilience, current_resilience, use_resilience
+from bastion.resilience._deadline import RequestDeadlines
+from bastion.resilience._http import forget_client_tracing, use_client_tracing
 from bastion.settings import Settings, load_settings
 
 __all__ = ["Bastion", "create_app", "install"]
@@ -44,6 +50,9 @@ logger = structlog.get_logger("bastion")
 # Start-up runs low priorities first, shutdown high first: the pool opens before
 # migrations run and closes after everything that might still use it.
 PRIORITY_POOLS = 10
+# Circuits follow the shared state once Redis is there, and are current before
+# migrations open the first database connection through the database pipeline.
+PRIORITY_RESILIENCE = 15
 PRIORITY_MIGRATIONS = 20
 
 
@@ -59,6 +68,8 @@ class Bastion:
         redis: the shared ``redis.asyncio.Redis`` client, or ``None`` when not configured.
         migrator: runs bastion's and the app's migration trees.
         tracing: the app's tracer provider and tracer, or ``None`` when tracing is off.
+        resilience: the registry of the app's dependency pipelines and circuits,
+            or ``None`` when ``resilience.enabled`` is off.
     """
 
     settings: Settings
@@ -68,15 +79,17 @@ class Bastion:
     redis: Any
     migrator: Migrator | None
     tracing: Tracing | None = None
+    resilience: Resilience | None = None
 
 
 def install(app: Starlette, *, settings: Settings | None = None, **overrides: Any) -> Bastion:
     """Make a Starlette or FastAPI app production-ready.
 
     Adds the request context and ``X-Request-Id``, RFC 9457 errors for every
-    failure, JSON logs with an access line per request, ``/health/live`` and
-    ``/health/ready``, the shared database, start-up migrations and graceful
-    shutdown.
+    failure, JSON logs with an access line per request, ``/health/live``,
+    ``/health/ready`` and ``/health/circuits``, request deadlines, resilience
+    pipelines for the database and Redis, the shared database, start-up
+    migrations and graceful shutdown.
 
     Example:
         >>> app = FastAPI()
@@ -113,8 +126,11 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
     # Built first: the database and Redis clients make their spans with the app's
     # own provider, so they reach its exporter whichever provider is global.
     tracing = build_tracing(settings.tracing) if settings.tracing.enabled else None
-    database = _install_database(settings, lifecycle, health, tracing)
     redis = _install_redis(settings, lifecycle, health, tracing)
+    resilience, deadlines = _install_resilience(
+        app, settings, lifecycle=lifecycle, health=health, redis=redis, tracing=tracing
+    )
+    database = _install_database(settings, lifecycle, health, tracing, resilience)
     migrator = _install_migrations(settings, lifecycle, database)
 
     if tracing is not None:
@@ -127,10 +143,14 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
         native: Any = getattr(app, "_telemetry", None)
         if isinstance(native, dict):
             native["tracing"] = False
-    runtime = Bastion(settings, lifecycle, health, database, redis, migrator, tracing)
+    runtime = Bastion(settings, lifecycle, health, database, redis, migrator, tracing, resilience)
     app.state.bastion = runtime
 
-    probes = health.routes(settings.health.path_prefix) if settings.health.enabled else []
+    probes: list[Route] = []
+    if settings.health.enabled:
+        probes = health.routes(settings.health.path_prefix)
+        if resilience is not None:
+            probes.append(_circuits_route(settings, health, resilience))
     # The middleware answers GET and HEAD on the probes; at the router's end the same
     # routes give other methods a 405 with Allow, and cost app requests nothing.
     app.router.routes.extend(probes)
@@ -145,9 +165,10 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
         probes={route.path: route for route in probes},
         tracing=tracing,
         metrics=HttpMetrics(settings.metrics) if settings.metrics.enabled else None,
+        deadlines=deadlines,
     )
     app.router.lifespan_context = _wrap_lifespan(app.router.lifespan_context, lifecycle)
-    _document_errors(app)
+    _document_errors(app, timeouts=deadlines is not None and deadlines.default > 0)
     return runtime
 
 
@@ -169,7 +190,11 @@ def create_app(*, settings: Settings | None = None, **overrides: Any) -> Starlet
 
 
 def _install_database(
-    settings: Settings, lifecycle: Lifecycle, health: HealthRegistry, tracing: Tracing | None
+    settings: Settings,
+    lifecycle: Lifecycle,
+    health: HealthRegistry,
+    tracing: Tracing | None,
+    resilience: Resilience | None,
 ) -> Database | None:
     if not settings.database.enabled:
         return None
@@ -177,6 +202,7 @@ def _install_database(
         settings.database,
         trace=tracing is not None and settings.tracing.trace_database,
         tracer_provider=tracing.provider if tracing is not None else None,
+        pipeline=resilience.register("database", "database") if resilience is not None else None,
     )
     health.register("database", database.ping)
 
@@ -223,6 +249,96 @@ def _install_redis(
     lifecycle.on_startup("redis", log_redis, priority=PRIORITY_POOLS)
     lifecycle.on_shutdown("close redis pool", close, priority=PRIORITY_POOLS)
     return client
+
+
+def _install_resilience(
+    app: Starlette,
+    settings: Settings,
+    *,
+    lifecycle: Lifecycle,
+    health: HealthRegistry,
+    redis: Any,
+    tracing: Tracing | None,
+) -> tuple[Resilience | None, RequestDeadlines | None]:
+    section = settings.resilience
+    if not section.enabled:
+        return None, None
+    store, own_client = _circuit_store(settings, redis)
+    resilience = Resilience(section, redis=store, key_prefix=settings.redis.key_prefix)
+    if redis is not None:
+        resilience.register("redis", "redis")
+        resilience.register("redis_request", "redis_request")
+    deadlines = RequestDeadlines(section.request_deadline, section.route_deadlines)
+    if any(dependency.critical for dependency in section.dependencies.values()):
+        health.register("circuits", resilience.readiness_check)
+    trace_clients = tracing is not None and settings.tracing.trace_http_client
+
+    async def start() -> None:
+        use_resilience(resilience)
+        use_client_tracing(
+            resilience,
+            enabled=trace_clients,
+            tracer_provider=tracing.provider if tracing is not None else None,
+        )
+        await resilience.start()
+        await deadlines.start(app.router.routes)
+        logger.info(
+            "resilience configured",
+            circuit_state="redis" if resilience.shared else "memory",
+            request_deadline=deadlines.default,
+        )
+
+    async def stop() -> None:
+        await deadlines.stop()
+        await resilience.stop()
+        forget_client_tracing(resilience)
+        # Another app in the process may have become the current one since.
+        try:
+            current = current_resilience()
+        except RuntimeError:
+            current = None
+        if current is resilience:
+            use_resilience(None)
+        if own_client is not None:
+            await own_client.aclose()
+
+    lifecycle.on_startup("resilience", start, priority=PRIORITY_RESILIENCE)
+    lifecycle.on_shutdown("stop resilience", stop, priority=PRIORITY_RESILIENCE)
+    return resilience, deadlines
+
+
+def _circuit_store(settings: Settings, shared: Any) -> tuple[Any, Any]:
+    """Return the Redis client circuit state is shared through, and the one to close.
+
+    The first is ``None`` for memory; the second is set only when the store has a
+    client of its own (an explicit ``resilience.store_url``).
+    """
+    url = settings.resilience.store_url
+    if url is None:
+        return shared, None
+    kind = backend_kind(url)
+    if kind is BackendKind.MEMORY:
+        return None, None
+    if kind is not BackendKind.REDIS:
+        raise ConfigurationError(
+            f"resilience.store_url must be memory:// or a Redis URL, not {kind.value}"
+        )
+    redis_asyncio: Any = import_optional("redis.asyncio")
+    client = redis_asyncio.from_url(
+        url,
+        socket_timeout=settings.redis.socket_timeout,
+        socket_connect_timeout=settings.redis.socket_timeout,
+    )
+    return client, client
+
+
+def _circuits_route(settings: Settings, health: HealthRegistry, resilience: Resilience) -> Route:
+    async def circuits(request: Request) -> Response:
+        if not health.allowed(request):
+            return _forbidden()
+        return await resilience.circuits_endpoint(request)
+
+    return operational_route(f"{settings.health.path_prefix.rstrip('/')}/circuits", circuits)
 
 
 def _install_migrations(
@@ -327,13 +443,22 @@ def _freeze_startup_objects() -> None:
     gc.freeze()
 
 
-# Any operation can answer 500, and 503 (shutting down, or the database pool exhausted).
-_ALWAYS = problem_responses(ErrorCode.INTERNAL, ErrorCode.SERVICE_UNAVAILABLE)
+# Any operation can answer 500, and 503 (shutting down, or the database pool exhausted),
+# and 504 when requests have a deadline.
+_ALWAYS = problem_responses(
+    ErrorCode.INTERNAL, ErrorCode.SERVICE_UNAVAILABLE, ErrorCode.REQUEST_TIMEOUT
+)
 _VALIDATION = problem_responses(ErrorCode.INVALID_INPUT)
 
 
-def _document_errors(app: Starlette) -> None:
-    """Make FastAPI's OpenAPI document describe errors as bastion renders them."""
+def _document_errors(app: Starlette, *, timeouts: bool) -> None:
+    """Make FastAPI's OpenAPI document describe errors as bastion renders them.
+
+    With ``timeouts`` (a default request deadline), every operation also lists
+    504 ``REQUEST_TIMEOUT``. ``502 DEPENDENCY_FAILURE`` is left to the
+    endpoints that call a dependency through a pipeline: they declare it with
+    ``problem_responses``.
+    """
     # Typed as Any: ``openapi`` and ``openapi_schema`` exist on FastAPI apps only,
     # which the check below establishes at run time.
     fastapi_app: Any = app
@@ -357,6 +482,8 @@ def _document_errors(app: Starlette) -> None:
                     responses["422"] = _merge(responses["422"], _VALIDATION[422])
                 responses.setdefault("500", _ALWAYS[500])
                 responses.setdefault("503", _ALWAYS[503])
+                if timeouts:
+                    responses.setdefault("504", _ALWAYS[504])
         fastapi_app.openapi_schema = schema
         return schema
 

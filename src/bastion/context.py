@@ -47,6 +47,8 @@ class RequestContext:
         span_id: the current span id (16 hex digits) when tracing is active.
         tenant_id: the tenant the request acts for, once known.
         user_id: the authenticated principal, once known.
+        deadline: when the request must be answered, on the event loop's clock
+            (``loop.time()``); outbound calls get what remains as their budget.
     """
 
     request_id: str
@@ -57,6 +59,7 @@ class RequestContext:
     span_id: str | None = None
     tenant_id: str | None = None
     user_id: str | None = None
+    deadline: float | None = None
 
 
 _current: Final[contextvars.ContextVar[RequestContext | None]] = contextvars.ContextVar(

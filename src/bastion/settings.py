@@ -33,6 +33,8 @@ from bastion.errors import ConfigurationError
 
 __all__ = [
     "DatabaseSettings",
+    "DependencyKind",
+    "DependencyPolicy",
     "HealthSettings",
     "HttpSettings",
     "IsolationLevel",
@@ -40,9 +42,11 @@ __all__ = [
     "MetricsSettings",
     "MigrationsSettings",
     "RedisSettings",
+    "ResilienceSettings",
     "SectionSettings",
     "ServerSettings",
     "Settings",
+    "Strategy",
     "TracingSettings",
     "load_settings",
 ]
@@ -102,6 +106,12 @@ IsolationLevel = Literal["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE", "R
 
 def _upper(value: Any) -> Any:
     return value.upper() if isinstance(value, str) else value
+
+
+def _distinct(value: list[str] | None) -> list[str] | None:
+    if value is not None and len(set(value)) != len(value):
+        raise ValueError("names a strategy twice")
+    return value
 
 
 class _Section(BaseModel):
@@ -238,8 +248,85 @@ class HealthSettings(SectionSettings):
     """When set, probes need ``Authorization: Bearer <token>``."""
 
 
+DependencyKind = Literal[
+    "database", "redis", "redis_request", "broker", "http", "storage", "custom"
+]
+"""The class of a named dependency; it decides the defaults of its pipeline (docs/resilience.md)."""
+
+Strategy = Literal["fallback", "total_timeout", "retry", "circuit_breaker", "bulkhead", "timeout"]
+"""One strategy of a resilience pipeline, as named in ``order``."""
+
+
+class DependencyPolicy(_Section):
+    """Overrides for one named dependency's pipeline; what is unset comes from its ``kind``."""
+
+    kind: DependencyKind | None = None
+    """The dependency's class; ``custom`` when neither this nor the code that registers it says."""
+    timeout: Seconds | None = None
+    """Time allowed for one attempt; 0 for none."""
+    total_timeout: Seconds | None = None
+    """Time allowed for the call with all its retries and waits; 0 for none."""
+    retries: int | None = Field(default=None, ge=0, le=10)
+    """Attempts after the first, for failures classified transient and operations safe to repeat."""
+    backoff_initial: Seconds | None = None
+    """Upper bound of the first wait (exponential backoff with full jitter)."""
+    backoff_max: Seconds | None = None
+    """Upper bound of any wait, a ``Retry-After`` included: a longer one is not waited for."""
+    retry_unsafe: bool | None = None
+    """Retry operations that are not idempotent (a ``POST`` without an idempotency key) too."""
+    retry_budget_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
+    """Retries allowed as a share of the last 10 seconds' calls, so retries cannot multiply load."""
+    retry_budget_min_per_second: float | None = Field(default=None, ge=0.0)
+    """Retries allowed per second whatever the ratio, so a quiet dependency can still retry."""
+    circuit: str | None = None
+    """The circuit breaker this pipeline reports to (several pipelines may share one);
+    ``""`` for none; the dependency's own name when unset."""
+    failure_rate_threshold: float | None = Field(default=None, gt=0.0, le=1.0)
+    """Failure rate over the window at which the circuit opens."""
+    window: Literal["count", "time"] | None = None
+    """Sliding window of the failure rate: the last ``window_size`` calls, or seconds."""
+    window_size: int | None = Field(default=None, ge=1, le=10_000)
+    """Calls (count window) or seconds (time window) the failure rate is computed over."""
+    minimum_calls: int | None = Field(default=None, ge=1)
+    """Calls the window must hold before its failure rate can open the circuit."""
+    consecutive_failures: int | None = Field(default=None, ge=0)
+    """Failures in a row that open the circuit whatever the rate; 0 for no such rule."""
+    open_duration: Seconds | None = None
+    """How long an open circuit rejects calls before it admits probes (half-open)."""
+    half_open_probes: int | None = Field(default=None, ge=1, le=100)
+    """Calls admitted while half-open; all must succeed for the circuit to close."""
+    slow_call_threshold: Seconds | None = None
+    """A successful call slower than this counts as a failure; 0 for no such rule."""
+    max_concurrent: int | None = Field(default=None, ge=0)
+    """Bulkhead: calls in progress at once; 0 for no bulkhead."""
+    max_queue: int | None = Field(default=None, ge=0)
+    """Bulkhead: calls waiting for a slot; past it a call is rejected at once."""
+    queue_timeout: Seconds | None = None
+    """Bulkhead: longest wait for a slot before the call is rejected."""
+    order: Annotated[list[Strategy] | None, AfterValidator(_distinct)] = None
+    """Strategies outermost first; leaving one out switches it off."""
+    critical: bool | None = None
+    """Whether this dependency's open circuit makes readiness fail."""
+
+
 class ResilienceSettings(SharedStateSection):
-    """Circuit breakers, retries, timeouts (a later issue fills this section in)."""
+    """Resilience pipelines per dependency, request deadlines, circuit state shared by instances.
+
+    Circuit state lives in ``store_url`` (``redis.url`` when set): transitions are
+    published and each instance re-reads the shared state every
+    ``state_refresh_interval``; without Redis, circuits are per process.
+    """
+
+    request_deadline: Seconds = 30.0
+    """Time a request may take before it is answered ``504 REQUEST_TIMEOUT``; 0 for none."""
+    route_deadlines: dict[str, Seconds] = Field(default_factory=dict)
+    """Deadlines of particular routes by template (``/v1/assistant/ask``) or ``METHOD template``."""
+    state_refresh_interval: Seconds = 1.0
+    """How often each instance re-reads the shared circuit state, besides published transitions."""
+    state_timeout: Seconds = 0.1
+    """Timeout of a Redis call made for circuit state; past it the local state is used."""
+    dependencies: dict[str, DependencyPolicy] = Field(default_factory=dict)
+    """Per named dependency (``database``, ``llm``...): overrides of its class's defaults."""
 
 
 class RateLimitSettings(SharedStateSection):
@@ -309,6 +396,8 @@ class RedisSettings(SectionSettings):
     """``redis://host:port/db``; ``None`` means no Redis."""
     socket_timeout: Seconds = 1.0
     """Seconds a command may take before it fails."""
+    key_prefix: str = Field(default="bastion:", max_length=64)
+    """Prefix of every key and channel bastion's components use, so services can share a Redis."""
 
 
 class MigrationsSettings(SectionSettings):

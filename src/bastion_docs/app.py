@@ -2,7 +2,10 @@
 
 Example:
     >>> from bastion_docs.app import create_app
-    >>> app = create_app(database={"url": "sqlite+aiosqlite:///./var/docs.db"})
+    >>> app = create_app(
+    ...     database={"url": "sqlite+aiosqlite:///./var/docs.db"},
+    ...     llm={"url": "http://127.0.0.1:11434", "api": "ollama"},
+    ... )
 
 Identity is a DEVELOPMENT STAND-IN (the ``X-Debug-User`` header, see
 :mod:`bastion_docs.identity`) until bastion's identity component lands.
@@ -12,12 +15,15 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+import httpx
 import structlog
 from fastapi import FastAPI
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 import bastion
 from bastion.errors import ConfigurationError
+from bastion.resilience import default_policy, http_client
+from bastion_docs.assistant import DEPENDENCY, Assistant, LLMSettings
 from bastion_docs.conformance import conformance_router
 from bastion_docs.identity import DEBUG_USER_HEADER
 from bastion_docs.routes import v1
@@ -52,7 +58,7 @@ def _with_service_tree(overrides: dict[str, Any]) -> dict[str, Any]:
     return {**overrides, "migrations": {**supplied, "app_tree": MIGRATIONS}}
 
 
-def create_app(**overrides: Any) -> FastAPI:
+def create_app(*, llm: dict[str, Any] | LLMSettings | None = None, **overrides: Any) -> FastAPI:
     """Build the Bastion Docs app with bastion installed.
 
     The service's migration tree is added to the ``migrations`` section, so
@@ -60,16 +66,20 @@ def create_app(**overrides: Any) -> FastAPI:
     tables to the latest revision along with bastion's own.
 
     Args:
+        llm: the assistant's LLM provider, over the ``BASTION_DOCS_LLM_*``
+            environment (see :class:`~bastion_docs.assistant.LLMSettings`).
         overrides: settings by section, passed to :func:`bastion.install`
             (or ``settings=`` a whole tree); a ``migrations`` override is merged
             with the service's tree, not replaced by it.
 
     Returns:
-        The app; its bastion runtime is at ``app.state.bastion``.
+        The app; its bastion runtime is at ``app.state.bastion``, its assistant
+        at ``app.state.assistant``.
 
     Raises:
         ConfigurationError: a setting is invalid, or ``database.enabled`` is off.
     """
+    llm_settings = _llm_settings(llm)
     app = FastAPI(
         title="Bastion Docs",
         description=DESCRIPTION,
@@ -82,6 +92,7 @@ def create_app(**overrides: Any) -> FastAPI:
     if runtime.database is None:
         raise ConfigurationError("Bastion Docs stores its data in the database: enable database")
     app.include_router(v1)
+    _install_assistant(app, runtime, llm_settings)
     if runtime.settings.tracing.conformance_endpoint:
         if runtime.tracing is None:
             raise ConfigurationError("tracing.conformance_endpoint needs tracing.enabled")
@@ -100,3 +111,35 @@ def create_app(**overrides: Any) -> FastAPI:
 
         runtime.lifecycle.on_startup("identity stand-in warning", warn_stand_in)
     return app
+
+
+def _llm_settings(llm: dict[str, Any] | LLMSettings | None) -> LLMSettings:
+    if isinstance(llm, LLMSettings):
+        return llm
+    try:
+        return LLMSettings(**(llm or {}))
+    except ValidationError as exc:
+        raise ConfigurationError(f"invalid llm settings: {exc}") from exc
+
+
+def _install_assistant(app: FastAPI, runtime: bastion.Bastion, settings: LLMSettings) -> None:
+    resilience = runtime.resilience
+    if resilience is not None:
+        # Registered now, with or without a provider, so /health/circuits lists
+        # ``llm`` from the first request.
+        resilience.register(DEPENDENCY, "http")
+    client: httpx.AsyncClient | None = None
+    if settings.endpoint is not None:
+        headers = {}
+        if settings.api == "openai" and settings.api_key is not None:
+            headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
+        if resilience is not None:
+            # The pipeline times each attempt and the whole call.
+            client = http_client(DEPENDENCY, headers=headers)
+        else:
+            # Resilience switched off: the http class's attempt timeout is the only bound.
+            timeout = default_policy(DEPENDENCY, "http").timeout
+            client = httpx.AsyncClient(headers=headers, timeout=timeout)
+    assistant = Assistant(settings, client)
+    app.state.assistant = assistant
+    runtime.lifecycle.on_shutdown("assistant client", assistant.aclose)

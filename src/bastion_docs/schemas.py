@@ -29,14 +29,21 @@ from bastion_docs.models import DOCUMENT_TITLE_MAX, EMAIL_MAX, NAME_MAX, SLUG_MA
 
 __all__ = [
     "BODY_MAX_BYTES",
+    "QUESTION_MAX",
     "TAGS_MAX",
     "TAG_MAX",
+    "AssistantAnswer",
+    "AssistantQuestion",
+    "AssistantSource",
+    "DegradedAnswer",
+    "DegradedReason",
     "DocumentCreate",
     "DocumentOut",
     "DocumentPage",
     "DocumentPatch",
     "DocumentSummary",
     "PageLinks",
+    "ProviderApi",
     "TenantCreate",
     "TenantCreated",
     "TenantOut",
@@ -49,6 +56,8 @@ BODY_MAX_BYTES: Final = 1024 * 1024
 TAGS_MAX: Final = 20
 TAG_MAX: Final = 50
 TAG_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
+QUESTION_MAX: Final = 2000
+"""Longest question to the assistant, in characters after surrounding whitespace is stripped."""
 
 # Tab, line feed and carriage return are the only control characters a body may hold;
 # a one-line field holds none.
@@ -73,6 +82,14 @@ def _multi_line(value: str) -> str:
             "string_too_long",
             "Text must be at most {max_bytes} bytes of UTF-8.",
             {"max_bytes": BODY_MAX_BYTES},
+        )
+    return value
+
+
+def _question(value: str) -> str:
+    if _CONTROL_IN_TEXT.search(value):
+        raise PydanticCustomError(
+            "control_character", "Text may contain tabs and line breaks but no other controls."
         )
     return value
 
@@ -119,7 +136,16 @@ Email = Annotated[
     StringConstraints(strip_whitespace=True, min_length=3, max_length=EMAIL_MAX),
     AfterValidator(_email),
 ]
+Question = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=QUESTION_MAX),
+    AfterValidator(_question),
+]
 RoleName = Literal["owner", "admin", "member", "viewer"]
+ProviderApi = Literal["openai", "ollama"]
+"""The API an LLM provider speaks: OpenAI's chat completions (and compatibles) or Ollama's."""
+DegradedReason = Literal["circuit_open", "timeout", "provider_error", "busy", "not_configured"]
+"""Why the assistant answered from keyword search instead of the LLM provider."""
 
 
 class _Request(BaseModel):
@@ -243,3 +269,46 @@ class DocumentPage(BaseModel):
     page_size: int
     total: int = Field(description="Documents in the whole list, not on this page.")
     links: PageLinks
+
+
+class AssistantQuestion(_Request):
+    """A question to the assistant about the caller's tenant's documents."""
+
+    question: Question
+
+
+class AssistantSource(BaseModel):
+    """A document the answer draws on (a keyword match of the question)."""
+
+    id: uuid.UUID
+    title: str
+
+
+class AssistantAnswer(BaseModel):
+    """The LLM provider's answer, with the documents it was given."""
+
+    answer: str
+    sources: list[AssistantSource] = Field(
+        description="Keyword matches of the question, best first."
+    )
+    degraded: Literal[False] = False
+    provider: ProviderApi = Field(description="The API of the provider that answered.")
+
+
+class DegradedAnswer(BaseModel):
+    """An answer from keyword search alone: the provider could not be asked or did not answer."""
+
+    answer: str = Field(
+        description="Each matching document's title and first sentence, one per line, "
+        'or "No matching documents."'
+    )
+    sources: list[AssistantSource] = Field(
+        description="Keyword matches of the question, best first."
+    )
+    degraded: Literal[True] = True
+    reason: DegradedReason = Field(
+        description="``circuit_open``: the provider failed recently and is not being called; "
+        "``timeout``: it did not answer in time; ``provider_error``: it failed or answered "
+        "nonsense; ``busy``: too many questions are waiting for it; ``not_configured``: "
+        "the service has no provider."
+    )

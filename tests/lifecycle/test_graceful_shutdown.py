@@ -107,6 +107,7 @@ class TestSigterm:
         assert [
             "close test clients",
             "close test cache",
+            "stop resilience",
             "close database pool",
             "flush traces",
         ] == hooks

@@ -4,13 +4,16 @@ import importlib
 
 import pytest
 from fastapi import FastAPI
-from prometheus_client import REGISTRY
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 
 import bastion
 from bastion.observability import HttpMetrics
 from bastion.observability import metrics as public_metrics
+from bastion.observability._http_metrics import _observer
 from bastion.observability._metrics import HTTP_ACTIVE_REQUESTS, HTTP_REQUEST_DURATION
 from bastion.settings import MetricsSettings
 from bastion.testing import lifespan_client
@@ -316,3 +319,35 @@ class TestPublicApi:
         """bastion.data imports its metrics from the public module (one family per name)."""
         instrumentation = importlib.import_module("bastion.data._instrumentation")
         assert public_metrics.DB_OPERATION_DURATION is instrumentation.DB_OPERATION_DURATION
+
+
+class TestDirectObservation:
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.lists(
+            st.one_of(
+                st.floats(min_value=0, max_value=1e6, allow_nan=False),
+                st.sampled_from([0.005, 0.01, 0.1, 1.0, 10.0, 0.0]),
+            ),
+            max_size=30,
+        )
+    )
+    def test_the_recorder_fills_buckets_and_sum_exactly_as_observe(self, values):
+        """Bucket bounds included (a value equal to a bound counts in that bucket)."""
+        registry = CollectorRegistry()
+        buckets = (0.005, 0.01, 0.1, 1.0, 10.0)
+        ours = Histogram("ours", "d", buckets=buckets, registry=registry)
+        public = Histogram("public", "d", buckets=buckets, registry=registry)
+        record = _observer(ours)
+        for value in values:
+            record(value)
+            public.observe(value)
+        samples = {
+            family.name: sorted(
+                (s.name.split("_", 1)[1], tuple(sorted(s.labels.items())), s.value)
+                for s in family.samples
+                if not s.name.endswith("_created")
+            )
+            for family in registry.collect()
+        }
+        assert samples["ours"] == samples["public"]

@@ -134,10 +134,17 @@ class TestTraceparent:
         (call,) = await drive(recorder, {"traceparent": f"cc-{TRACE_ID}-{PARENT_ID}-01-future"})
         assert TRACE_ID == parts(call["traceparent"][0])[0]
 
-    async def test_random_flag_is_propagated(self, recorder):
-        """The level-2 random flag (0x02) survives along with sampled."""
-        (call,) = await drive(recorder, {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-03"})
-        assert "03" == parts(call["traceparent"][0])[2]
+    @pytest.mark.parametrize(("flags", "expected"), [("03", "03"), ("02", "02"), ("00", "00")])
+    async def test_random_flag_is_propagated(self, recorder, flags, expected):
+        """The level-2 random flag (0x02) survives, sampled or not (an unsampled caller's
+        trace takes the middleware's own path, not the SDK's)."""
+        (call,) = await drive(recorder, {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-{flags}"})
+        assert expected == parts(call["traceparent"][0])[2]
+
+    async def test_a_new_trace_carries_the_random_flag(self, recorder):
+        """bastion's trace ids are 128 random bits, so a new trace says so (0x02)."""
+        (call,) = await drive(recorder, {})
+        assert int(parts(call["traceparent"][0])[2], 16) & 0x02
 
 
 class TestTracestate:

@@ -7,11 +7,14 @@ import sys
 import pytest
 import structlog
 from fastapi import FastAPI
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
@@ -298,3 +301,73 @@ class TestNoExporter:
         parent = trace.set_span_in_context(NonRecordingSpan(remote))
         span = tracing.tracer.start_span("work", context=parent)
         assert (True, True) == (span.is_recording(), span.get_span_context().trace_flags.sampled)
+
+
+class TestServerSpanSampling:
+    """Tracing.start_server_span decides sampling itself; it must decide as the SDK would."""
+
+    def test_the_ratio_of_recorded_roots_is_the_configured_one(self):
+        """At 25% about a quarter of new traces are recorded (4000 draws, within 4 sigma)."""
+        tracing = build_tracing(TracingSettings(exporter="otlp-http", sample_ratio=0.25))
+        recorded = sum(tracing.start_server_span("GET", None).is_recording() for _ in range(4000))
+        tracing.provider.shutdown()
+        assert abs(recorded - 1000) < 4 * (4000 * 0.25 * 0.75) ** 0.5
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.floats(min_value=0.0, max_value=1.0))
+    def test_a_recorded_root_is_one_the_sdk_sampler_also_samples(self, ratio):
+        """Every recorded root's trace id passes the SDK's TraceIdRatioBased check; every
+        unrecorded one fails it: the middleware and the SDK never disagree."""
+        tracing = build_tracing(TracingSettings(exporter="otlp-http", sample_ratio=ratio))
+        sampler = TraceIdRatioBased(ratio)
+        for _ in range(20):
+            span = tracing.start_server_span("GET", None)
+            context = span.get_span_context()
+            decision = sampler.should_sample(None, context.trace_id, "GET").decision
+            assert span.is_recording() == decision.is_sampled() == context.trace_flags.sampled
+        tracing.provider.shutdown()
+
+    def test_the_primed_trace_id_is_used_once(self):
+        """After a sampled root, the SDK's next root span draws its own trace id."""
+        tracing = build_tracing(TracingSettings(exporter="otlp-http", sample_ratio=1.0))
+        first = tracing.start_server_span("GET", None)
+        second = tracing.tracer.start_span("other")
+        third = tracing.start_server_span("GET", None)
+        tracing.provider.shutdown()
+        ids = {s.get_span_context().trace_id for s in (first, second, third)}
+        assert len(ids) == 3
+
+    def test_an_unsampled_remote_parent_is_continued_without_recording(self):
+        """Same trace id and trace state, a new span id, the flag left unsampled."""
+        tracing = build_tracing(TracingSettings(exporter="otlp-http", sample_ratio=1.0))
+        state = TraceState([("vendor", "x")])
+        parent = SpanContext(int(TRACE_ID, 16), int(PARENT_ID, 16), True, TraceFlags(0), state)
+        span = tracing.start_server_span("GET", parent)
+        tracing.provider.shutdown()
+        context = span.get_span_context()
+        assert (False, int(TRACE_ID, 16), False, state) == (
+            span.is_recording(),
+            context.trace_id,
+            context.trace_flags.sampled,
+            context.trace_state,
+        )
+        assert context.span_id not in (0, int(PARENT_ID, 16))
+
+    def test_a_sampled_remote_parent_is_recorded_as_its_child_at_ratio_zero(self):
+        """The caller's decision wins: recorded, parented, with the start attributes."""
+        tracing = build_tracing(TracingSettings(exporter="otlp-http", sample_ratio=0.0))
+        parent = SpanContext(int(TRACE_ID, 16), int(PARENT_ID, 16), True, TraceFlags(1))
+        span = tracing.start_server_span("GET", parent, dict, {"a": 1})
+        tracing.provider.shutdown()
+        assert (True, int(PARENT_ID, 16), {"a": 1}) == (
+            span.is_recording(),
+            span.parent.span_id,
+            dict(span.attributes),
+        )
+
+    def test_without_an_exporter_no_root_is_recorded(self):
+        """exporter=none: ids for the logs, nothing recorded, whatever the ratio."""
+        tracing = build_tracing(TracingSettings(exporter="none", sample_ratio=1.0))
+        spans = [tracing.start_server_span("GET", None) for _ in range(200)]
+        assert not any(span.is_recording() for span in spans)
+        assert all(span.get_span_context().is_valid for span in spans)

@@ -21,16 +21,38 @@ PROBLEM = "application/problem+json"
 # Every code each operation can answer with. INTERNAL (500) and SERVICE_UNAVAILABLE (503)
 # are bastion's additions to every operation, INVALID_INPUT (422) to every one that
 # takes input.
+# Every operation can also answer 503 (shutting down, a dependency out) and 504 (its
+# deadline passed).
 EXPECTED_CODES = {
-    ("post", "/v1/tenants"): {"CONFLICT", "INVALID_INPUT", "INTERNAL", "SERVICE_UNAVAILABLE"},
+    ("post", "/v1/tenants"): {
+        "CONFLICT",
+        "INVALID_INPUT",
+        "INTERNAL",
+        "SERVICE_UNAVAILABLE",
+        "REQUEST_TIMEOUT",
+    },
     # No parameters and no body: nothing to validate, so no 422.
     ("get", "/v1/tenants/current"): {
         "UNAUTHENTICATED",
         "NOT_FOUND",
         "INTERNAL",
         "SERVICE_UNAVAILABLE",
+        "REQUEST_TIMEOUT",
     },
-    ("get", "/v1/users/me"): {"UNAUTHENTICATED", "NOT_FOUND", "INTERNAL", "SERVICE_UNAVAILABLE"},
+    ("post", "/v1/assistant/ask"): {
+        "UNAUTHENTICATED",
+        "INVALID_INPUT",
+        "INTERNAL",
+        "SERVICE_UNAVAILABLE",
+        "REQUEST_TIMEOUT",
+    },
+    ("get", "/v1/users/me"): {
+        "UNAUTHENTICATED",
+        "NOT_FOUND",
+        "INTERNAL",
+        "SERVICE_UNAVAILABLE",
+        "REQUEST_TIMEOUT",
+    },
     ("post", "/v1/users"): {
         "UNAUTHENTICATED",
         "FORBIDDEN",
@@ -38,6 +60,7 @@ EXPECTED_CODES = {
         "INVALID_INPUT",
         "INTERNAL",
         "SERVICE_UNAVAILABLE",
+        "REQUEST_TIMEOUT",
     },
     ("post", "/v1/documents"): {
         "UNAUTHENTICATED",
@@ -45,12 +68,14 @@ EXPECTED_CODES = {
         "INVALID_INPUT",
         "INTERNAL",
         "SERVICE_UNAVAILABLE",
+        "REQUEST_TIMEOUT",
     },
     ("get", "/v1/documents"): {
         "UNAUTHENTICATED",
         "INVALID_INPUT",
         "INTERNAL",
         "SERVICE_UNAVAILABLE",
+        "REQUEST_TIMEOUT",
     },
     ("get", "/v1/documents/{document_id}"): {
         "UNAUTHENTICATED",
@@ -58,6 +83,7 @@ EXPECTED_CODES = {
         "INVALID_INPUT",
         "INTERNAL",
         "SERVICE_UNAVAILABLE",
+        "REQUEST_TIMEOUT",
     },
     ("patch", "/v1/documents/{document_id}"): {
         "UNAUTHENTICATED",
@@ -66,6 +92,7 @@ EXPECTED_CODES = {
         "INVALID_INPUT",
         "INTERNAL",
         "SERVICE_UNAVAILABLE",
+        "REQUEST_TIMEOUT",
     },
     ("delete", "/v1/documents/{document_id}"): {
         "UNAUTHENTICATED",
@@ -74,6 +101,7 @@ EXPECTED_CODES = {
         "INVALID_INPUT",
         "INTERNAL",
         "SERVICE_UNAVAILABLE",
+        "REQUEST_TIMEOUT",
     },
 }
 

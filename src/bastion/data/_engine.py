@@ -1,4 +1,12 @@
-"""The shared SQLAlchemy async engine, its pool, and sessions."""
+"""The shared SQLAlchemy async engine, its pool, and sessions.
+
+With a resilience pipeline (``install`` passes the ``database`` one), opening a
+new connection goes through it: attempts timed, refused or timed-out connects
+retried with backoff, and the circuit breaker consulted, so during an outage
+requests that need a new connection fail fast with a 503 instead of each
+waiting out the connect timeout. Handing out a pooled connection costs nothing
+more: SQLAlchemy calls ``do_connect`` only to open one.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -16,14 +24,20 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.pool import NullPool
+from sqlalchemy.util import await_only, greenlet_spawn
 
 from bastion.backends import BackendKind, backend_kind, import_optional, redact_url
 from bastion.data._instrumentation import InstrumentedQueuePool, instrument
 from bastion.errors import ConfigurationError
+from bastion.resilience import CircuitState, DependencyError, DependencyTimeoutError
 from bastion.settings import DatabaseSettings
 
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
+    from sqlalchemy.engine import ExceptionContext
+    from sqlalchemy.pool import ConnectionPoolEntry
+
+    from bastion.resilience import Pipeline
 
 __all__ = ["Database"]
 
@@ -46,6 +60,10 @@ class Database:
             carries no tracing listener.
         tracer_provider: the provider of the statements' spans; the global one
             when omitted. ``install`` passes the app's, so they reach its exporter.
+        pipeline: the resilience pipeline new connections are opened through
+            (``install`` passes the ``database`` one); statements that lose their
+            connection count as failures of its circuit too. ``None``: connections
+            are opened directly.
 
     Example:
         >>> db = Database(DatabaseSettings(url="sqlite+aiosqlite:///./var/app.db"))
@@ -61,6 +79,7 @@ class Database:
         name: str = "default",
         trace: bool = False,
         tracer_provider: TracerProvider | None = None,
+        pipeline: Pipeline | None = None,
     ) -> None:
         self.settings = settings
         self.name = name
@@ -71,6 +90,9 @@ class Database:
         instrument(
             self.engine, name=name, settings=settings, trace=trace, tracer_provider=tracer_provider
         )
+        self.pipeline = pipeline
+        if pipeline is not None:
+            _guard_connections(self.engine, pipeline)
         self.sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(
             self.engine, expire_on_commit=False
         )
@@ -158,3 +180,53 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA busy_timeout=5000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _guard_connections(engine: AsyncEngine, pipeline: Pipeline) -> None:
+    """Open new connections through ``pipeline``; count lost connections on its circuit."""
+
+    def connect(
+        dialect: Dialect,
+        _record: ConnectionPoolEntry,
+        cargs: tuple[Any, ...],
+        cparams: dict[str, Any],
+    ) -> Any:
+        # SQLAlchemy calls this inside the greenlet that runs the pool's sync code:
+        # await_only hands the coroutine to the event loop, and the driver's own
+        # await_only inside dialect.connect needs a greenlet of its own.
+        return await_only(_connect(pipeline, dialect, cargs, cparams))
+
+    def lost(context: ExceptionContext) -> None:
+        # A statement whose connection died: the database's fault, as a failed
+        # connect is. Only a closed circuit counts it: a half-open one is deciding
+        # on its probes (connects), and an open one counts nothing.
+        breaker = pipeline.breaker
+        if (
+            context.is_disconnect
+            and not context.is_pre_ping
+            and context.connection is not None
+            and breaker is not None
+            and breaker.state is CircuitState.CLOSED
+        ):
+            breaker.record_failure(0.0)
+
+    event.listen(engine.sync_engine, "do_connect", connect)
+    event.listen(engine.sync_engine, "handle_error", lost)
+
+
+async def _connect(
+    pipeline: Pipeline, dialect: Dialect, cargs: tuple[Any, ...], cparams: dict[str, Any]
+) -> Any:
+    try:
+        return await pipeline.call(greenlet_spawn, dialect.connect, *cargs, **cparams)
+    except DependencyError as exc:
+        # Connecting failed on every attempt: surface the driver's own error, as
+        # without a pipeline, so the data layer's handling (a 503 "dependency
+        # unreachable", readiness naming the error) stays the same. A timeout and
+        # an open circuit are already 503s of their own.
+        cause = exc.__cause__
+        if isinstance(exc, DependencyTimeoutError) or not isinstance(cause, Exception):
+            raise
+    # Raised outside the handler, so the driver's error does not chain back to
+    # the DependencyError that carries it.
+    raise cause

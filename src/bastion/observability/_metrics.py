@@ -38,8 +38,11 @@ __all__ = [
     "DB_SLOW_QUERIES",
     "DB_TRANSACTION_FAILURES",
     "DB_TRANSACTION_RETRIES",
+    "DEPENDENCY_DEGRADED",
+    "DEPENDENCY_OUTAGES",
     "HEALTH_CHECK_UP",
     "HTTP_ACTIVE_REQUESTS",
+    "HTTP_DEADLINE_EXCEEDED",
     "HTTP_REQUEST_BODY_SIZE",
     "HTTP_REQUEST_DURATION",
     "HTTP_RESPONSE_BODY_SIZE",
@@ -49,7 +52,10 @@ __all__ = [
     "OUTBOX_PENDING",
     "RATELIMIT_DECISIONS",
     "READY",
+    "RESILIENCE_CALLS",
+    "RESILIENCE_FALLBACKS",
     "RETRIES",
+    "RETRY_BUDGET_EXHAUSTED",
 ]
 
 # Sub-millisecond buckets matter for SQLite and a local PostgreSQL; the top ones
@@ -216,6 +222,38 @@ RETRIES: Final = Counter(
     "bastion_retries_total",
     "Calls to a dependency re-tried by the resilience pipeline, by dependency.",
     ["dependency"],
+)
+RESILIENCE_CALLS: Final = Counter(
+    "bastion_resilience_calls_total",
+    "Calls through a dependency's resilience pipeline, by outcome "
+    "(success, failure, timeout, circuit_open, bulkhead_full).",
+    ["dependency", "outcome"],
+)
+RESILIENCE_FALLBACKS: Final = Counter(
+    "bastion_resilience_fallbacks_total",
+    "Calls answered by their fallback instead of the dependency.",
+    ["dependency"],
+)
+RETRY_BUDGET_EXHAUSTED: Final = Counter(
+    "bastion_retry_budget_exhausted_total",
+    "Retries not made because the dependency's retry budget was spent.",
+    ["dependency"],
+)
+DEPENDENCY_DEGRADED: Final = Gauge(
+    "bastion_dependency_degraded",
+    "1 while a non-critical dependency is out and its feature runs on local behaviour.",
+    ["dependency"],
+    multiprocess_mode="max",
+)
+DEPENDENCY_OUTAGES: Final = Counter(
+    "bastion_dependency_outages_total",
+    "Outages of a non-critical dependency, counted once each, not per request.",
+    ["dependency"],
+)
+HTTP_DEADLINE_EXCEEDED: Final = Counter(
+    "bastion_http_request_deadline_exceeded_total",
+    "Requests answered 504 REQUEST_TIMEOUT because their deadline passed, by route template.",
+    ["http_route"],
 )
 OUTBOX_LAG: Final = Gauge(
     "bastion_outbox_lag_seconds",

@@ -13,23 +13,29 @@ import asyncio
 import contextlib
 import contextvars
 import time
-from collections.abc import Awaitable, Mapping
-from typing import Any, Final
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final, Protocol
 
 import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import StatusCode
 from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion.context import RequestContext, bind, is_valid_request_id, new_request_id, unbind
-from bastion.errors import PROBLEM_CONTENT_TYPE, ErrorCode, problem_body, render_problem
+from bastion.errors import (
+    PROBLEM_CONTENT_TYPE,
+    BastionError,
+    ErrorCode,
+    problem_body,
+    render_problem,
+)
 from bastion.lifecycle import Lifecycle
 from bastion.observability._http_metrics import HttpMetrics
 from bastion.observability._logging import AccessLogger
-from bastion.observability._tracing import Tracing, remote_parent
+from bastion.observability._tracing import Tracing, remote_span_context
 
 __all__ = ["UNMATCHED_ROUTE", "RequestMiddleware"]
 
@@ -59,6 +65,36 @@ _CUT_OFF_DETAIL: Final = (
     "The server shut down before this request finished. It is safe to retry if the "
     "operation is idempotent."
 )
+_DEADLINE_DETAIL: Final = "The request did not finish within its deadline and was stopped."
+_DETAILS: Final = {
+    ErrorCode.INTERNAL: _INTERNAL_DETAIL,
+    ErrorCode.SERVICE_UNAVAILABLE: _CUT_OFF_DETAIL,
+    ErrorCode.REQUEST_TIMEOUT: _DEADLINE_DETAIL,
+}
+
+
+class RequestDeadlineTracker(Protocol):
+    """What the middleware needs of the request deadlines (``bastion.resilience`` has them).
+
+    Kept a protocol so observability does not import resilience: the tracker is
+    handed over by ``install``.
+    """
+
+    active: bool
+    default: float
+    clock: Callable[[], float]
+    current_task: Callable[[], asyncio.Task[Any] | None]
+    inflight: dict[asyncio.Task[Any], RequestContext]
+    expired: dict[asyncio.Task[Any], int]
+
+    def claim(self, task: asyncio.Task[Any]) -> bool:
+        """Return whether ``task`` was cancelled by its deadline (and take that back)."""
+
+    def release(self, task: asyncio.Task[Any]) -> None:
+        """Undo a deadline cancellation of a finished request that the app swallowed."""
+
+    def exceeded(self, route: str) -> None:
+        """Count a request answered 504 because its deadline passed."""
 
 
 class RequestMiddleware:
@@ -76,6 +112,9 @@ class RequestMiddleware:
             and a probe a catch-all route or the app's own middleware cannot shadow.
         tracing: starts a server span per request, or ``None`` when tracing is off.
         metrics: records the HTTP RED metrics, or ``None`` when metrics are off.
+        deadlines: gives each request other than the operational ones its
+            deadline and answers ``504 REQUEST_TIMEOUT`` when its sweeper cancels
+            the request; ``None`` when resilience is off.
     """
 
     def __init__(
@@ -88,15 +127,17 @@ class RequestMiddleware:
         probes: Mapping[str, Route] | None = None,
         tracing: Tracing | None = None,
         metrics: HttpMetrics | None = None,
+        deadlines: RequestDeadlineTracker | None = None,
     ) -> None:
         self.app = app
         self.probes = dict(probes or {})
         self.lifecycle = lifecycle
         self.access_log = access_log
         self.operational_prefixes = operational_prefixes
-        self.tracer = tracing.tracer if tracing is not None else None
+        self.tracing = tracing
         self.trace_operational = tracing is not None and tracing.trace_operational
         self.metrics = metrics
+        self.deadlines = deadlines
 
     async def __call__(  # noqa: PLR0912, PLR0915 -- one frame on every request; helpers cost a call each
         self, scope: Scope, receive: Receive, send: Send
@@ -106,17 +147,17 @@ class RequestMiddleware:
             return
 
         started = time.perf_counter_ns()
-        tracer = self.tracer
+        tracing = self.tracing
         path = scope["path"]
         operational = path.startswith(self.operational_prefixes)
         if operational and not self.trace_operational:
-            tracer = None
+            tracing = None
         # Kept ids are echoed as the bytes they came in as: no decode/encode round trip.
         raw_id: bytes | None = None
         traceparent: bytes | None = None
         tracestate: list[bytes] = []
         user_agent: bytes | None = None
-        if tracer is None:
+        if tracing is None:
             for name, value in scope["headers"]:
                 if name == _REQUEST_ID_HEADER:
                     raw_id = value
@@ -156,15 +197,17 @@ class RequestMiddleware:
 
         span: Any = None
         span_token: contextvars.Token[Context] | None = None
-        if tracer is not None:
-            parent = remote_parent(traceparent, tracestate) if traceparent is not None else None
-            span = tracer.start_span(method, context=parent, kind=SpanKind.SERVER)
+        if tracing is not None:
+            parent = (
+                remote_span_context(traceparent, tracestate) if traceparent is not None else None
+            )
+            span = tracing.start_server_span(
+                method, parent, _request_attributes, (scope, client, user_agent)
+            )
             span_context = span.get_span_context()
             context.trace_id = format(span_context.trace_id, "032x")
             context.span_id = format(span_context.span_id, "016x")
-            if span.is_recording():
-                _set_request_attributes(span, scope, client, user_agent)
-            span_token = otel_context.attach(trace.set_span_in_context(span, parent))
+            span_token = otel_context.attach(trace.set_span_in_context(span))
 
         metrics = self.metrics
         app_receive = receive
@@ -200,6 +243,18 @@ class RequestMiddleware:
 
         lifecycle = self.lifecycle
         lifecycle.request_started()
+        # No timer per request: the tracker's sweeper cancels the task once its
+        # deadline has passed (bastion.resilience._deadline).
+        tracker = self.deadlines
+        task: asyncio.Task[Any] | None = None
+        if tracker is not None and tracker.active and not operational:
+            task = tracker.current_task()
+            if task is not None:
+                default = tracker.default
+                if default:
+                    context.deadline = tracker.clock() + default
+                tracker.inflight[task] = context
+        timed_out = False
         # GET and HEAD only: other methods reach the app, whose router answers 405
         # with an Allow header from the same routes kept at its end.
         probe = self.probes.get(path) if method in _PROBE_METHODS else None
@@ -210,33 +265,59 @@ class RequestMiddleware:
             else:
                 scope["route"] = probe
                 await probe.handle(scope, app_receive, send_with_request_id)
-        except asyncio.CancelledError as exc:
-            failure = exc
-            # Only the server cancels a request task: the shutdown timeout ran out.
-            lifecycle.request_cut_off()
-            logger.warning("request cut off by shutdown timeout", method=method)
-            if not response_started:
-                # A retryable 503 problem with the correlation id, rather than the
-                # server's bare 500: the client did nothing wrong and may try again
-                # on another instance. The cancellation was consumed by the except,
-                # so this send runs; a second cancellation (forced exit) skips it.
-                status = 503
-                with contextlib.suppress(Exception, asyncio.CancelledError):
+        except BaseException as exc:
+            if task is not None and tracker is not None and tracker.claim(task):
+                # The sweeper cancelled the request: its deadline passed. (The app
+                # may have turned the cancellation into another error on its way out.)
+                timed_out = True
+                # The sweeper must not cancel the 504 it is being answered with.
+                context.deadline = None
+                logger.warning("request deadline exceeded", method=method)
+                if response_started:
+                    # Too late for a problem: the server aborts the connection, so
+                    # the client sees a truncated response, not a false success.
+                    failure = BastionError(_DEADLINE_DETAIL, code=ErrorCode.REQUEST_TIMEOUT)
+                    raise failure from None
+                status = 504
+                # A client gone in the meantime is no error of the app's.
+                with contextlib.suppress(OSError):
                     await _send_problem(
-                        send, request_id_header, request_id, ErrorCode.SERVICE_UNAVAILABLE
+                        send, request_id_header, request_id, ErrorCode.REQUEST_TIMEOUT
                     )
-            raise
-        except Exception as exc:
-            failure = exc
-            logger.exception("unhandled error", method=method)
-            if response_started:
-                # Too late for a problem body; let the server abort the connection so
-                # the client sees a truncated response rather than a false success.
+            elif isinstance(exc, asyncio.CancelledError):
+                failure = exc
+                # Otherwise only the server cancels a request task: the shutdown
+                # timeout ran out.
+                lifecycle.request_cut_off()
+                logger.warning("request cut off by shutdown timeout", method=method)
+                if not response_started:
+                    # A retryable 503 problem with the correlation id, rather than the
+                    # server's bare 500: the client did nothing wrong and may try again
+                    # on another instance. The cancellation was consumed by the except,
+                    # so this send runs; a second cancellation (forced exit) skips it.
+                    status = 503
+                    with contextlib.suppress(Exception, asyncio.CancelledError):
+                        await _send_problem(
+                            send, request_id_header, request_id, ErrorCode.SERVICE_UNAVAILABLE
+                        )
                 raise
-            status = 500
-            await _send_problem(send, request_id_header, request_id, ErrorCode.INTERNAL)
+            elif isinstance(exc, Exception):
+                failure = exc
+                logger.exception("unhandled error", method=method)
+                if response_started:
+                    # Too late for a problem body; let the server abort the connection so
+                    # the client sees a truncated response rather than a false success.
+                    raise
+                status = 500
+                await _send_problem(send, request_id_header, request_id, ErrorCode.INTERNAL)
+            else:
+                raise
         finally:
             lifecycle.request_finished()
+            if task is not None and tracker is not None:
+                del tracker.inflight[task]
+                if tracker.expired:
+                    tracker.release(task)
             route = scope.get("route")
             # FastAPI >= 0.16x keeps an included router's routes relative to its
             # prefix and records the full template in its own scope entry.
@@ -251,6 +332,8 @@ class RequestMiddleware:
             else:
                 template = _mounted_template(scope, route, root_path)
             context.route = template
+            if timed_out and tracker is not None:
+                tracker.exceeded(template or UNMATCHED_ROUTE)
             ended = time.perf_counter_ns()
             if span_token is not None:
                 otel_context.detach(span_token)
@@ -278,10 +361,11 @@ class RequestMiddleware:
             unbind(token)
 
 
-def _set_request_attributes(
-    span: Any, scope: Scope, client: tuple[str, int] | None, user_agent: bytes | None
-) -> None:
-    """Set the OpenTelemetry HTTP server semantic-convention attributes known at entry."""
+def _request_attributes(
+    request: tuple[Scope, tuple[str, int] | None, bytes | None],
+) -> dict[str, Any]:
+    """Return the OpenTelemetry HTTP server semantic-convention attributes known at entry."""
+    scope, client, user_agent = request
     attributes: dict[str, Any] = {
         "http.request.method": scope["method"],
         "url.path": scope["path"],
@@ -297,7 +381,7 @@ def _set_request_attributes(
         attributes["client.address"] = client[0]
     if user_agent is not None:
         attributes["user_agent.original"] = user_agent.decode("latin-1")
-    span.set_attributes(attributes)
+    return attributes
 
 
 def _end_span_attributes(
@@ -307,8 +391,10 @@ def _end_span_attributes(
     if template is not None:
         # OTel semconv: "{method} {http.route}"; without a route, the method alone.
         span.update_name(f"{method} {template}")
-        span.set_attribute("http.route", template)
-    span.set_attribute("http.response.status_code", status)
+        # One call, not two: each takes the span's lock and checks its state.
+        span.set_attributes({"http.route": template, "http.response.status_code": status})
+    else:
+        span.set_attribute("http.response.status_code", status)
     if failure is not None:
         span.record_exception(failure)
         span.set_attribute("error.type", type(failure).__qualname__)
@@ -370,8 +456,7 @@ _MISSING: Final = object()
 async def _send_problem(
     send: Send, request_id_header: tuple[bytes, bytes], request_id: str, code: ErrorCode
 ) -> None:
-    detail = _INTERNAL_DETAIL if code is ErrorCode.INTERNAL else _CUT_OFF_DETAIL
-    body = render_problem(problem_body(code, detail, request_id))
+    body = render_problem(problem_body(code, _DETAILS[code], request_id))
     headers = [
         (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
         (b"content-length", str(len(body)).encode()),

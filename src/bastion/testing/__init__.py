@@ -1,7 +1,19 @@
 """Test helpers for bastion services: run an app, talk to it, count its queries, get its spans."""
 
 from bastion.testing._client import lifespan_client
+from bastion.testing._faults import FaultProxy, ProxyStats
+from bastion.testing._llm import FakeLLMProvider, ProviderRequest
 from bastion.testing._otlp import OtlpReceiver, ReceivedSpan
 from bastion.testing._queries import QueryCounter, count_queries
 
-__all__ = ["OtlpReceiver", "QueryCounter", "ReceivedSpan", "count_queries", "lifespan_client"]
+__all__ = [
+    "FakeLLMProvider",
+    "FaultProxy",
+    "OtlpReceiver",
+    "ProviderRequest",
+    "ProxyStats",
+    "QueryCounter",
+    "ReceivedSpan",
+    "count_queries",
+    "lifespan_client",
+]

@@ -50,10 +50,28 @@ from _machine import describe, format_description, steal_percent, steal_ticks
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
 # The variants of _apps.py plus diagnostics that split bastion's cost. They build on
-# Starlette, whose smaller and steadier cost lets a microsecond show.
-DIAGNOSTICS = {
+# Starlette, whose smaller and steadier cost lets a microsecond show. Each is
+# (base app, install() overrides[, the variant its overhead is paired with]).
+_NO_LIMITS = "starlette+bastion(ratelimit off)"
+# Never reached in a run, so every request is admitted (a 429 would end the run).
+_HIGH = "1000000/second"
+DIAGNOSTICS: dict[str, tuple[Any, ...]] = {
     "starlette+bastion(no access log)": ("starlette", {"logging": {"access_log": False}}),
     "starlette+bastion(no health routes)": ("starlette", {"health": {"enabled": False}}),
+    # The rate limiter on the memory store: the per-request cost of a decision, its
+    # headers and the middleware frame, paired with the same app without a limiter.
+    _NO_LIMITS: ("starlette", {"ratelimit": {"enabled": False}}),
+    "starlette+bastion(ratelimit)": ("starlette", {"ratelimit": {"default": _HIGH}}, _NO_LIMITS),
+    "starlette+bastion(ratelimit: 2 limits)": (
+        "starlette",
+        {"ratelimit": {"default": f"{_HIGH};100000000/hour"}},
+        _NO_LIMITS,
+    ),
+    "starlette+bastion(ratelimit: no headers)": (
+        "starlette",
+        {"ratelimit": {"default": _HIGH, "headers": False}},
+        _NO_LIMITS,
+    ),
 }
 
 
@@ -138,7 +156,7 @@ def _build(name: str) -> ASGIApp:
         return _apps.VARIANTS[name][0]()  # type: ignore[no-any-return]
     import bastion  # noqa: PLC0415 -- after the environment is set up
 
-    base, overrides = DIAGNOSTICS[name]
+    base, overrides = DIAGNOSTICS[name][:2]
     app = _apps.bare_fastapi() if base == "fastapi" else _apps.bare_starlette()
     bastion.install(app, **overrides)
     return app
@@ -149,7 +167,8 @@ def _baseline(name: str) -> str | None:
 
     if name in _apps.VARIANTS:
         return _apps.VARIANTS[name][1]
-    return DIAGNOSTICS[name][0]
+    entry = DIAGNOSTICS[name]
+    return str(entry[2] if len(entry) > 2 else entry[0])
 
 
 async def _main(args: argparse.Namespace, out: io.TextIOWrapper) -> dict[str, Any]:
@@ -208,11 +227,11 @@ def _print(results: dict[str, Any], args: argparse.Namespace, log: Path, out: An
         f"({log.stat().st_size} bytes this run)",
         file=out,
     )
-    print(f"{'variant':<36}{'µs/request':>12}{'vs bare (µs)':>16}", file=out)
+    print(f"{'variant':<42}{'µs/request':>12}   vs its baseline (µs)", file=out)
     for name, result in results.items():
         overhead = result.get("overhead_us")
         delta = f"{overhead:+.2f} vs {result['baseline']}" if overhead is not None else ""
-        print(f"{name:<36}{result['us_per_request']:>12.2f}   {delta}", file=out)
+        print(f"{name:<42}{result['us_per_request']:>12.2f}   {delta}", file=out)
 
 
 @contextlib.contextmanager

@@ -125,12 +125,22 @@ def render() -> str:
         lines.append(" ".join((model.__doc__ or "").split()) + "\n")
         lines.append("| variable | type | default | meaning |")
         lines.append("| --- | --- | --- | --- |")
-        for field_name, field in model.model_fields.items():
-            variable = f"{ENV_PREFIX}{name.upper()}__{field_name.upper()}"
-            lines.append(
-                f"| `{variable}` | `{_type_name(field)}` | {_default(field)} | {_describe(field)} |"
-            )
+        lines.extend(_rows(f"{ENV_PREFIX}{name.upper()}", model))
     return "\n".join(lines) + "\n"
+
+
+def _rows(prefix: str, model: type[BaseModel]) -> list[str]:
+    """One row per field; a nested section (``ratelimit.login``) gives one per its fields."""
+    rows = []
+    for field_name, field in model.model_fields.items():
+        variable = f"{prefix}__{field_name.upper()}"
+        if isinstance(field.default, BaseModel):
+            rows.extend(_rows(variable, type(field.default)))
+            continue
+        rows.append(
+            f"| `{variable}` | `{_type_name(field)}` | {_default(field)} | {_describe(field)} |"
+        )
+    return rows
 
 
 if __name__ == "__main__":

@@ -514,6 +514,17 @@ AUTH = (
                 ),
                 unit="percentunit",
             ),
+            Panel(
+                "Limit store errors by reason",
+                (
+                    Query(
+                        "sum by (reason) "
+                        f"(rate(bastion_ratelimit_store_errors_total{{{SEL}}}[{RATE}]))",
+                        "{{reason}}",
+                    ),
+                ),
+                unit="ops",
+            ),
         ),
     ),
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +15,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from bastion._access import AccessPolicy
-from bastion._admin import AdminRoutes
+from bastion._admin import ADMIN_PREFIX, AdminRoutes
+from bastion._forwarded import ClientAddress
 from bastion.backends import BackendKind, backend_kind, import_optional, redact_url
 from bastion.data import Database, MigrationTree, Migrator
 from bastion.data._transaction import default_database, use_database
@@ -38,6 +39,15 @@ from bastion.observability import (
 from bastion.observability._health import _forbidden, operational_route
 from bastion.observability._http_metrics import HttpMetrics
 from bastion.observability._tracing import Tracing, build_tracing
+from bastion.ratelimit import (
+    LoginThrottle,
+    MemoryStore,
+    Quotas,
+    RateLimiter,
+    RateLimitMiddleware,
+    RedisStore,
+    StoreUnavailable,
+)
 from bastion.resilience import Resilience, current_resilience, use_resilience
 from bastion.resilience._deadline import RequestDeadlines
 from bastion.resilience._http import forget_client_tracing, use_client_tracing
@@ -53,6 +63,8 @@ PRIORITY_POOLS = 10
 # Circuits follow the shared state once Redis is there, and are current before
 # migrations open the first database connection through the database pipeline.
 PRIORITY_RESILIENCE = 15
+# After the pools open (the limiter's Redis client is one of them), closed before them.
+PRIORITY_RATELIMIT = 16
 PRIORITY_MIGRATIONS = 20
 
 
@@ -70,6 +82,8 @@ class Bastion:
         tracing: the app's tracer provider and tracer, or ``None`` when tracing is off.
         resilience: the registry of the app's dependency pipelines and circuits,
             or ``None`` when ``resilience.enabled`` is off.
+        ratelimit: the rate limiter (policies, ``hit``, ``quotas``, ``login``), or
+            ``None`` when ``ratelimit.enabled`` is off.
     """
 
     settings: Settings
@@ -80,6 +94,7 @@ class Bastion:
     migrator: Migrator | None
     tracing: Tracing | None = None
     resilience: Resilience | None = None
+    ratelimit: RateLimiter | None = None
 
 
 def install(app: Starlette, *, settings: Settings | None = None, **overrides: Any) -> Bastion:
@@ -132,6 +147,8 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
     )
     database = _install_database(settings, lifecycle, health, tracing, resilience)
     migrator = _install_migrations(settings, lifecycle, database)
+    operational = (settings.health.path_prefix.rstrip("/") + "/", settings.metrics.path)
+    limiter = _install_ratelimit(app, settings, lifecycle, redis, operational)
 
     if tracing is not None:
         # Last at shutdown (lowest priority): spans of the pools' closing are exported too.
@@ -143,7 +160,9 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
         native: Any = getattr(app, "_telemetry", None)
         if isinstance(native, dict):
             native["tracing"] = False
-    runtime = Bastion(settings, lifecycle, health, database, redis, migrator, tracing, resilience)
+    runtime = Bastion(
+        settings, lifecycle, health, database, redis, migrator, tracing, resilience, limiter
+    )
     app.state.bastion = runtime
 
     probes: list[Route] = []
@@ -154,21 +173,26 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
     # The middleware answers GET and HEAD on the probes; at the router's end the same
     # routes give other methods a 405 with Allow, and cost app requests nothing.
     app.router.routes.extend(probes)
-    app.router.routes.extend(_admin_routes(settings, migrator))
+    app.router.routes.extend(_admin_routes(settings, migrator, limiter))
     app.router.routes.extend(_install_metrics(settings))
     install_exception_handlers(app)
+    if limiter is not None:
+        # Added first, so it runs inside the request middleware: the context, with
+        # the client address and identity, exists; the router comes after it.
+        app.add_middleware(RateLimitMiddleware, limiter=limiter)
     app.add_middleware(
         RequestMiddleware,
         lifecycle=lifecycle,
         access_log=access_log if settings.logging.access_log else None,
-        operational_prefixes=(settings.health.path_prefix.rstrip("/") + "/", settings.metrics.path),
+        operational_prefixes=operational,
         probes={route.path: route for route in probes},
         tracing=tracing,
         metrics=HttpMetrics(settings.metrics) if settings.metrics.enabled else None,
         deadlines=deadlines,
+        client_address=_client_address(settings),
     )
     app.router.lifespan_context = _wrap_lifespan(app.router.lifespan_context, lifecycle)
-    _document_errors(app, timeouts=deadlines is not None and deadlines.default > 0)
+    _document_errors(app, timeouts=deadlines is not None and deadlines.default > 0, limiter=limiter)
     return runtime
 
 
@@ -187,6 +211,74 @@ def create_app(*, settings: Settings | None = None, **overrides: Any) -> Starlet
     app = FastAPI()
     install(app, settings=settings, **overrides)
     return app
+
+
+def _client_address(settings: Settings) -> ClientAddress | None:
+    """The trusted-proxy resolution of the client address; ``None`` (free) without proxies."""
+    proxies = settings.http.trusted_proxies
+    if not proxies:
+        return None
+    return ClientAddress(proxies, settings.http.client_ip_header)
+
+
+def _install_ratelimit(
+    app: Starlette,
+    settings: Settings,
+    lifecycle: Lifecycle,
+    redis: Any,
+    operational: tuple[str, ...],
+) -> RateLimiter | None:
+    section = settings.ratelimit
+    if not section.enabled:
+        return None
+    client, own_client = _state_client(settings, "ratelimit", redis)
+    store: MemoryStore | RedisStore
+    runner: Any = None
+    if client is None:
+        store = MemoryStore()
+    else:
+        store = RedisStore(client, key_prefix=settings.redis.key_prefix, timeout=section.timeout)
+        # One runner for limits, quotas and login: their calls share pipelined round trips.
+        runner = store.runner
+    prefix, timeout, fail_open = settings.redis.key_prefix, section.timeout, section.fail_open
+    quotas = Quotas.for_store(runner, key_prefix=prefix, timeout=timeout, fail_open=fail_open)
+    login = LoginThrottle.for_store(
+        runner,
+        section.login,
+        key_prefix=prefix,
+        timeout=timeout,
+        fail_open=fail_open,
+        max_log_limit=section.max_log_limit,
+    )
+    limiter = RateLimiter(
+        section, store=store, operational_prefixes=operational, quotas=quotas, login=login
+    )
+
+    async def start() -> None:
+        limiter.read_routes(app.router.routes)
+        if isinstance(store, RedisStore):
+            # Connected now, so the first request does not pay the handshake inside
+            # its decision timeout; a Redis that is down is the failure policy's.
+            with suppress(StoreUnavailable):
+                await store.start()
+        logger.info(
+            "rate limits configured",
+            store="redis" if client is not None else "memory",
+            default=section.default,
+            policies=sorted(limiter.policies),
+            active=limiter.active,
+        )
+
+    async def stop() -> None:
+        await quotas.close()
+        await login.close()
+        await limiter.close()
+        if own_client is not None:
+            await own_client.aclose()
+
+    lifecycle.on_startup("rate limits", start, priority=PRIORITY_RATELIMIT)
+    lifecycle.on_shutdown("close rate limits", stop, priority=PRIORITY_RATELIMIT)
+    return limiter
 
 
 def _install_database(
@@ -263,7 +355,7 @@ def _install_resilience(
     section = settings.resilience
     if not section.enabled:
         return None, None
-    store, own_client = _circuit_store(settings, redis)
+    store, own_client = _state_client(settings, "resilience", redis)
     resilience = Resilience(section, redis=store, key_prefix=settings.redis.key_prefix)
     if redis is not None:
         resilience.register("redis", "redis")
@@ -307,13 +399,14 @@ def _install_resilience(
     return resilience, deadlines
 
 
-def _circuit_store(settings: Settings, shared: Any) -> tuple[Any, Any]:
-    """Return the Redis client circuit state is shared through, and the one to close.
+def _state_client(settings: Settings, section: str, shared: Any) -> tuple[Any, Any]:
+    """Return the Redis client a section's shared state lives in, and the one to close.
 
-    The first is ``None`` for memory; the second is set only when the store has a
-    client of its own (an explicit ``resilience.store_url``).
+    The first is ``None`` for memory; the second is set only when the section has
+    a client of its own (an explicit ``<section>.store_url``); otherwise the shared
+    ``redis.url`` client, or memory without one.
     """
-    url = settings.resilience.store_url
+    url = getattr(settings, section).store_url
     if url is None:
         return shared, None
     kind = backend_kind(url)
@@ -321,7 +414,7 @@ def _circuit_store(settings: Settings, shared: Any) -> tuple[Any, Any]:
         return None, None
     if kind is not BackendKind.REDIS:
         raise ConfigurationError(
-            f"resilience.store_url must be memory:// or a Redis URL, not {kind.value}"
+            f"{section}.store_url must be memory:// or a Redis URL, not {kind.value}"
         )
     redis_asyncio: Any = import_optional("redis.asyncio")
     client = redis_asyncio.from_url(
@@ -402,12 +495,34 @@ def _install_metrics(settings: Settings) -> list[BaseRoute]:
     return list(MetricsEndpoint(settings.metrics).routes())
 
 
-def _admin_routes(settings: Settings, migrator: Migrator | None) -> list[BaseRoute]:
+def _admin_routes(
+    settings: Settings, migrator: Migrator | None, limiter: RateLimiter | None
+) -> list[BaseRoute]:
     token = settings.http.admin_token
     access = AccessPolicy(
         settings.http.admin_allowed_networks, token.get_secret_value() if token else None
     )
-    return list(AdminRoutes(access=access, migrator=migrator).routes())
+    routes: list[BaseRoute] = list(AdminRoutes(access=access, migrator=migrator).routes())
+    if limiter is not None and limiter.login is not None:
+        routes.append(_unlock_route(access, limiter))
+    return routes
+
+
+def _unlock_route(access: AccessPolicy, limiter: RateLimiter) -> Route:
+    """``POST /admin/ratelimit/unlock``: an admin lifts an account lockout."""
+    route: Route
+
+    async def unlock(request: Request) -> Response:
+        # The router records scope["route"] (the access log's and metrics' template)
+        # only for FastAPI's own routes.
+        request.scope.setdefault("route", route)
+        access.require(request, subject="/admin", realm="bastion-admin")
+        return await limiter.unlock_endpoint(request)
+
+    route = Route(
+        f"{ADMIN_PREFIX}/ratelimit/unlock", unlock, methods=["POST"], include_in_schema=False
+    )
+    return route
 
 
 LifespanFactory = Callable[[Any], AbstractAsyncContextManager[Any]]
@@ -449,13 +564,15 @@ _ALWAYS = problem_responses(
     ErrorCode.INTERNAL, ErrorCode.SERVICE_UNAVAILABLE, ErrorCode.REQUEST_TIMEOUT
 )
 _VALIDATION = problem_responses(ErrorCode.INVALID_INPUT)
+_LIMITED = problem_responses(ErrorCode.RATE_LIMITED)
 
 
-def _document_errors(app: Starlette, *, timeouts: bool) -> None:
+def _document_errors(app: Starlette, *, timeouts: bool, limiter: RateLimiter | None = None) -> None:
     """Make FastAPI's OpenAPI document describe errors as bastion renders them.
 
     With ``timeouts`` (a default request deadline), every operation also lists
-    504 ``REQUEST_TIMEOUT``. ``502 DEPENDENCY_FAILURE`` is left to the
+    504 ``REQUEST_TIMEOUT``; with a ``limiter``, every operation a policy limits
+    lists 429 ``RATE_LIMITED``. ``502 DEPENDENCY_FAILURE`` is left to the
     endpoints that call a dependency through a pipeline: they declare it with
     ``problem_responses``.
     """
@@ -475,9 +592,14 @@ def _document_errors(app: Starlette, *, timeouts: bool) -> None:
         components["Problem"] = PROBLEM_SCHEMA
         components.pop("HTTPValidationError", None)
         components.pop("ValidationError", None)
-        for path in schema.get("paths", {}).values():
-            for operation in path.values():
+        # Read now, not at install: the app's routes are complete by the first request.
+        limited = limiter.operations(app.router.routes) if limiter is not None else {}
+        default = limiter.default if limiter is not None else None
+        for template, path in schema.get("paths", {}).items():
+            for method, operation in path.items():
                 responses = operation.setdefault("responses", {})
+                if limited.get((method.upper(), template), default) is not None:
+                    responses.setdefault("429", _LIMITED[429])
                 if "422" in responses:
                     responses["422"] = _merge(responses["422"], _VALIDATION[422])
                 responses.setdefault("500", _ALWAYS[500])

@@ -47,6 +47,7 @@ class RequestContext:
         span_id: the current span id (16 hex digits) when tracing is active.
         tenant_id: the tenant the request acts for, once known.
         user_id: the authenticated principal, once known.
+        api_key_id: the id (never the secret) of the API key the request presented.
         deadline: when the request must be answered, on the event loop's clock
             (``loop.time()``); outbound calls get what remains as their budget.
     """
@@ -60,6 +61,7 @@ class RequestContext:
     tenant_id: str | None = None
     user_id: str | None = None
     deadline: float | None = None
+    api_key_id: str | None = None
 
 
 _current: Final[contextvars.ContextVar[RequestContext | None]] = contextvars.ContextVar(

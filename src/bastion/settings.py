@@ -18,7 +18,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    model_validator,
+)
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_settings import (
     BaseSettings,
@@ -38,9 +46,15 @@ __all__ = [
     "HealthSettings",
     "HttpSettings",
     "IsolationLevel",
+    "LimitExpression",
     "LoggingSettings",
+    "LoginThrottleSettings",
     "MetricsSettings",
     "MigrationsSettings",
+    "RateLimitAlgorithm",
+    "RateLimitKey",
+    "RateLimitPolicy",
+    "RateLimitSettings",
     "RedisSettings",
     "ResilienceSettings",
     "SectionSettings",
@@ -148,6 +162,12 @@ class HttpSettings(SharedStateSection):
     admin_token: SecretStr | None = None
     """When set, ``/admin/*`` needs ``Authorization: Bearer <token>`` (until the
     identity component's admin role takes over)."""
+    trusted_proxies: Annotated[list[str], AfterValidator(_networks)] = Field(default_factory=list)
+    """CIDRs of the proxies in front of the service. Only a peer in them is believed
+    about the client address; empty: the socket peer is always the client."""
+    client_ip_header: Literal["x-forwarded-for", "forwarded", "x-real-ip"] = "x-forwarded-for"
+    """The one header the trusted proxies set; others are ignored, since a client can
+    send any of them."""
 
 
 class ServerSettings(_Section):
@@ -329,8 +349,128 @@ class ResilienceSettings(SharedStateSection):
     """Per named dependency (``database``, ``llm``...): overrides of its class's defaults."""
 
 
+def _limit_expression(value: str | None) -> str | None:
+    if value is None:
+        return value
+    # Imported here: settings is below every component, and the parser is the rate
+    # limiter's own. It runs while this module is still being imported (the defaults
+    # below are validated), which works because bastion.ratelimit's __init__ loads
+    # its names lazily and the parser imports nothing from bastion.
+    from bastion.ratelimit._expression import parse_limits  # noqa: PLC0415
+
+    parse_limits(value)
+    return value
+
+
+def _no_limit(value: Any) -> Any:
+    # An empty variable (BASTION_RATELIMIT__DEFAULT=) or "none" switches the default off.
+    if isinstance(value, str) and value.strip().lower() in {"", "none", "off"}:
+        return None
+    return value
+
+
+LimitExpression = Annotated[str, AfterValidator(_limit_expression)]
+"""Limits such as ``20/second;1000/hour`` or ``5 per 15 minutes burst 10``."""
+
+RateLimitKey = Literal["client", "ip", "principal", "api_key", "tenant", "route"]
+"""What a limit is counted per; ``client`` is the principal when known, else the IP."""
+
+RateLimitAlgorithm = Literal["token_bucket", "sliding_window", "sliding_log"]
+"""``token_bucket`` (GCRA), ``sliding_window`` (two-window counter) or the exact ``sliding_log``."""
+
+
+_POLICY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+
+
+def _by_client() -> list[RateLimitKey]:
+    return ["client"]
+
+
+class RateLimitPolicy(_Section):
+    """One named set of limits and what they are counted per."""
+
+    limits: LimitExpression
+    """The limits, all checked (and consumed together) in one round trip."""
+    by: list[RateLimitKey] = Field(default_factory=_by_client, min_length=1)
+    """Key parts; a request is counted per distinct combination of them."""
+    algorithm: RateLimitAlgorithm | None = None
+    """``None`` uses ``ratelimit.algorithm``."""
+    fail_open: bool | None = None
+    """Admit requests while the store is unreachable; ``None`` uses ``ratelimit.fail_open``."""
+    cost: int = Field(default=1, ge=1)
+    """Units a request consumes."""
+
+
+class LoginThrottleSettings(_Section):
+    """Failed-login throttling per IP and lockout per submitted account identifier."""
+
+    ip_limit: LimitExpression = "5 per 15 minutes"
+    """Failed attempts an IP may make; past it, authentication answers 429 ``RATE_LIMITED``."""
+    lockout_threshold: int = Field(default=5, ge=1)
+    """Consecutive failures for one identifier that lock it."""
+    lockout_duration: Seconds = 900.0
+    """First lockout's length; each repeated lockout multiplies it by ``lockout_growth``."""
+    lockout_growth: float = Field(default=2.0, ge=1.0)
+    """Factor a repeated lockout's length grows by."""
+    lockout_max: Seconds = 86_400.0
+    """Longest lockout, however often it repeats."""
+    lockout_memory: Seconds = 86_400.0
+    """How long repetitions are remembered: a lockout this long after the last one starts
+    again at ``lockout_duration``."""
+
+
 class RateLimitSettings(SharedStateSection):
-    """Rate limits (a later issue fills this section in)."""
+    """Rate limits, quota counters, login throttling and lockout.
+
+    Decisions live in ``store_url`` (``redis.url`` when set, else memory): one
+    Redis round trip per decision, whatever the number of limits in a policy.
+    """
+
+    default: Annotated[LimitExpression | None, BeforeValidator(_no_limit)] = None
+    """Limits applied per client (principal, else IP) to every route not configured
+    otherwise, e.g. ``20/second;1000/hour``; ``None`` (or an empty value) for none."""
+    algorithm: RateLimitAlgorithm = "token_bucket"
+    """Algorithm of limits that do not name one."""
+    policies: dict[str, RateLimitPolicy] = Field(default_factory=dict)
+    """Named policies, used by ``routes`` and by the ``rate_limit`` decorator."""
+    routes: dict[str, str] = Field(default_factory=dict)
+    """Policy (a name from ``policies``, ``default`` or ``exempt``) by route template
+    (``/v1/documents``) or ``METHOD template`` (``POST /v1/documents``); these win
+    over the ``rate_limit`` decorator."""
+    exempt_networks: Annotated[list[str], AfterValidator(_networks)] = Field(default_factory=list)
+    """CIDRs never limited (internal callers); the operational endpoints are always exempt."""
+    fail_open: bool = True
+    """Admit requests while the store is unreachable (counted, logged once per outage);
+    ``False`` answers 503 instead."""
+    timeout: Seconds = 0.05
+    """Timeout of one decision's Redis round trip; past it the failure policy applies."""
+    max_log_limit: int = Field(default=1000, ge=1)
+    """Largest limit a ``sliding_log`` accepts: its cost grows with the limit."""
+    headers: bool = True
+    """Send ``X-RateLimit-*``, ``RateLimit`` and ``RateLimit-Policy`` on limited routes."""
+    login: LoginThrottleSettings = LoginThrottleSettings()
+    """Failed-login throttling and lockout (``ratelimit.login.*``)."""
+
+    @model_validator(mode="after")
+    def _known_policies(self) -> RateLimitSettings:
+        # Checked here so a typo fails at load, naming the variable, not at start-up.
+        for name in self.policies:
+            if not _POLICY_NAME.fullmatch(name) or name in {"default", "exempt"}:
+                raise ValueError(
+                    f"policy name {name!r}: use 1 to 64 letters, digits, '_', '.', ':' or '-'; "
+                    "'default' and 'exempt' are reserved"
+                )
+        for route, policy in self.routes.items():
+            method, _, template = route.strip().rpartition(" ")
+            if not template.startswith("/") or (method and not method.isalpha()):
+                raise ValueError(
+                    f"routes: {route!r} is not a route template ('/v1/items/{{id}}') "
+                    "or 'METHOD template' ('POST /v1/items')"
+                )
+            if policy not in self.policies and policy not in {"default", "exempt"}:
+                known = ", ".join(sorted([*self.policies, "default", "exempt"]))
+                raise ValueError(f"routes: {route!r} names no policy {policy!r}; known: {known}")
+        return self
 
 
 class IdentitySettings(SectionSettings):

@@ -23,15 +23,21 @@ from pydantic import BaseModel, ValidationError
 import bastion
 from bastion.errors import ConfigurationError
 from bastion.resilience import default_policy, http_client
+from bastion.settings import load_settings
 from bastion_docs.assistant import DEPENDENCY, Assistant, LLMSettings
 from bastion_docs.conformance import conformance_router
 from bastion_docs.identity import DEBUG_USER_HEADER
 from bastion_docs.routes import v1
 
-__all__ = ["MIGRATIONS", "create_app"]
+__all__ = ["DEFAULT_RATE_LIMIT", "MIGRATIONS", "create_app"]
 
 MIGRATIONS: Final = "bastion_docs:migrations"
 """Where the service's Alembic tree lives, as ``package:directory``."""
+
+DEFAULT_RATE_LIMIT: Final = "20/second;1000/hour"
+"""The service's ``ratelimit.default`` unless configured (``BASTION_RATELIMIT__DEFAULT``,
+``bastion.toml`` or ``create_app(ratelimit=...)``): per client, a burst of 20 and 20
+a second, and 1000 an hour, on every route. An empty value switches it off."""
 
 DESCRIPTION: Final = f"""\
 A multi-tenant document workspace: the reference service of Bastion.
@@ -88,7 +94,7 @@ def create_app(*, llm: dict[str, Any] | LLMSettings | None = None, **overrides: 
         docs_url="/api/docs",
         redoc_url=None,
     )
-    runtime = bastion.install(app, **_with_service_tree(overrides))
+    runtime = bastion.install(app, **_with_rate_limit_default(_with_service_tree(overrides)))
     if runtime.database is None:
         raise ConfigurationError("Bastion Docs stores its data in the database: enable database")
     app.include_router(v1)
@@ -111,6 +117,21 @@ def create_app(*, llm: dict[str, Any] | LLMSettings | None = None, **overrides: 
 
         runtime.lifecycle.on_startup("identity stand-in warning", warn_stand_in)
     return app
+
+
+def _with_rate_limit_default(overrides: dict[str, Any]) -> dict[str, Any]:
+    # The service ships a default limit, yet any source may set another or none: the
+    # settings are loaded first, and the default goes in only where no source set one.
+    settings = overrides.get("settings")
+    if isinstance(settings, bastion.Settings):
+        rest = {key: value for key, value in overrides.items() if key != "settings"}
+    else:
+        settings, rest = load_settings(**overrides), {}
+    if "default" not in settings.ratelimit.model_fields_set:
+        ratelimit = settings.ratelimit.model_copy(update={"default": DEFAULT_RATE_LIMIT})
+        settings = settings.model_copy(update={"ratelimit": ratelimit})
+    # Anything besides settings= is passed on, for install() to refuse the mix as usual.
+    return {**rest, "settings": settings}
 
 
 def _llm_settings(llm: dict[str, Any] | LLMSettings | None) -> LLMSettings:

@@ -32,6 +32,8 @@ def reference_service(tmp_path: Path):
         "BASTION_DATABASE__URL": f"sqlite+aiosqlite:///{tmp_path / 'docs.db'}",
         "BASTION_MIGRATIONS__MODE": "auto",
         "BASTION_LOGGING__FORMAT": "json",
+        # The load below is 360 requests at once from one address.
+        "BASTION_RATELIMIT__DEFAULT": "100000/second",
     }
     environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
     served = ServedProcess([APP, "--port", str(port)], environment, tmp_path, port)

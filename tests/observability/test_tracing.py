@@ -91,6 +91,26 @@ class TestServerSpan:
         } == span.attributes
         assert "bastion" == span.service_name
 
+    async def test_client_address_is_the_client_behind_a_trusted_proxy(self):
+        """Through a trusted proxy the span names the forwarded client and the proxy as peer."""
+        with OtlpReceiver() as receiver:
+            app = FastAPI(telemetry={"tracing": False})
+            bastion.install(
+                app,
+                database={"enabled": False},
+                http={"trusted_proxies": ["127.0.0.0/8"]},
+                tracing={"exporter": "otlp-http", "endpoint": receiver.endpoint},
+            )
+
+            @app.get("/where")
+            async def where() -> dict:
+                return {}
+
+            await serve(app, ("/where", {"X-Forwarded-For": "203.0.113.9"}))
+            (span,) = receiver.wait_for(1)
+        assert "203.0.113.9" == span.attributes["client.address"]
+        assert "127.0.0.1" == span.attributes["network.peer.address"]
+
     async def test_mounted_starlette_route_gets_its_full_template(self):
         """A plain Starlette Route under a Mount is named by mount prefix plus its template."""
         with OtlpReceiver() as receiver:

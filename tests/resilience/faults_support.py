@@ -27,6 +27,8 @@ MARGIN = 1.5
 def service(database_url: str, *, database: dict[str, Any] | None = None, **overrides: Any):
     """Bastion Docs as the scenarios run it: start-up migrations, warnings-only JSON logs."""
     overrides.setdefault("logging", {"level": "WARNING", "format": "json"})
+    # The limiter degrades on Redis faults too; these scenarios pin the circuits' lines.
+    overrides.setdefault("ratelimit", {"enabled": False})
     return create_app(
         database={**(database or {}), "url": database_url},
         migrations={"mode": "auto"},

@@ -48,6 +48,9 @@ class Workspace:
 def make_service(database_url: str, **overrides) -> FastAPI:
     """The app as tests run it: start-up migrations on, quiet logs."""
     overrides.setdefault("logging", {"level": "WARNING", "format": "json"})
+    # The shipped default (20/second per client) would throttle the suite's bursts,
+    # which all come from one address; the limiter's own tests set their limits.
+    overrides.setdefault("ratelimit", {"default": "10000/second"})
     return create_app(database={"url": database_url}, migrations={"mode": "auto"}, **overrides)
 
 

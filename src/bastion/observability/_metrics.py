@@ -51,6 +51,7 @@ __all__ = [
     "OUTBOX_LAG",
     "OUTBOX_PENDING",
     "RATELIMIT_DECISIONS",
+    "RATELIMIT_STORE_ERRORS",
     "READY",
     "RESILIENCE_CALLS",
     "RESILIENCE_FALLBACKS",
@@ -204,8 +205,14 @@ AUTH_LOCKOUTS: Final = Counter(
 )
 RATELIMIT_DECISIONS: Final = Counter(
     "bastion_ratelimit_decisions_total",
-    "Rate-limit decisions by policy and decision (allowed, rejected).",
+    "Rate-limit decisions by policy and decision (allowed, rejected, failed_open, failed_closed).",
     ["policy", "decision"],
+)
+RATELIMIT_STORE_ERRORS: Final = Counter(
+    "bastion_ratelimit_store_errors_total",
+    "Calls to the shared limit store that failed, by reason: timeout, connection,"
+    " server (LOADING, BUSY, OOM...) or fast (not sent: the store failed moments ago).",
+    ["reason"],
 )
 CIRCUIT_STATE: Final = Gauge(
     "bastion_circuit_state",

@@ -35,6 +35,7 @@ from bastion.errors import (
 from bastion.lifecycle import Lifecycle
 from bastion.observability._http_metrics import HttpMetrics
 from bastion.observability._logging import AccessLogger
+from bastion.observability._server_span import ServerSpan
 from bastion.observability._tracing import Tracing, remote_span_context
 
 __all__ = ["UNMATCHED_ROUTE", "RequestMiddleware"]
@@ -115,6 +116,9 @@ class RequestMiddleware:
         deadlines: gives each request other than the operational ones its
             deadline and answers ``504 REQUEST_TIMEOUT`` when its sweeper cancels
             the request; ``None`` when resilience is off.
+        client_address: finds the client's address from the socket peer and the
+            trusted proxies' header (``bastion._forwarded.ClientAddress``); ``None``
+            when no proxy is trusted, and the peer is the client.
     """
 
     def __init__(
@@ -128,8 +132,10 @@ class RequestMiddleware:
         tracing: Tracing | None = None,
         metrics: HttpMetrics | None = None,
         deadlines: RequestDeadlineTracker | None = None,
+        client_address: Callable[[str | None, Any], str | None] | None = None,
     ) -> None:
         self.app = app
+        self.client_address = client_address
         self.probes = dict(probes or {})
         self.lifecycle = lifecycle
         self.access_log = access_log
@@ -187,6 +193,11 @@ class RequestMiddleware:
         method = scope["method"]
         client = scope.get("client")
         client_ip = client[0] if client else None
+        client_address = self.client_address
+        if client_address is not None:
+            # Logs, audit and limits all read the client from the context, so it is
+            # resolved once, here; without trusted proxies this costs one None check.
+            client_ip = client_address(client_ip, scope["headers"])
         context = RequestContext(request_id, method, client_ip)
         token = bind(context)
         status = 500
@@ -202,7 +213,7 @@ class RequestMiddleware:
                 remote_span_context(traceparent, tracestate) if traceparent is not None else None
             )
             span = tracing.start_server_span(
-                method, parent, _request_attributes, (scope, client, user_agent)
+                method, parent, _request_attributes, (scope, client_ip, user_agent)
             )
             span_context = span.get_span_context()
             context.trace_id = format(span_context.trace_id, "032x")
@@ -362,10 +373,14 @@ class RequestMiddleware:
 
 
 def _request_attributes(
-    request: tuple[Scope, tuple[str, int] | None, bytes | None],
+    request: tuple[Scope, str | None, bytes | None],
 ) -> dict[str, Any]:
-    """Return the OpenTelemetry HTTP server semantic-convention attributes known at entry."""
-    scope, client, user_agent = request
+    """Return the OpenTelemetry HTTP server semantic-convention attributes known at entry.
+
+    ``client.address`` is the client as resolved through trusted proxies, and
+    ``network.peer.address`` the socket peer when that is another host (semconv).
+    """
+    scope, client_ip, user_agent = request
     attributes: dict[str, Any] = {
         "http.request.method": scope["method"],
         "url.path": scope["path"],
@@ -377,8 +392,11 @@ def _request_attributes(
         attributes["server.address"] = server[0]
         if server[1] is not None:
             attributes["server.port"] = server[1]
-    if client:
-        attributes["client.address"] = client[0]
+    if client_ip is not None:
+        attributes["client.address"] = client_ip
+        peer = scope.get("client")
+        if peer and peer[0] != client_ip:
+            attributes["network.peer.address"] = peer[0]
     if user_agent is not None:
         attributes["user_agent.original"] = user_agent.decode("latin-1")
     return attributes
@@ -388,19 +406,25 @@ def _end_span_attributes(
     span: Any, method: str, template: str | None, status: int, failure: BaseException | None
 ) -> None:
     """Name the span by route template and record the outcome."""
+    # bastion's own span takes the values bastion built (a template, a status, a class
+    # name) without the validation user code's values get; the SDK's span (made when
+    # the lean one cannot stand in) validates them as before.
+    set_attributes = (
+        span.set_trusted_attributes if isinstance(span, ServerSpan) else span.set_attributes
+    )
     if template is not None:
         # OTel semconv: "{method} {http.route}"; without a route, the method alone.
         span.update_name(f"{method} {template}")
-        # One call, not two: each takes the span's lock and checks its state.
-        span.set_attributes({"http.route": template, "http.response.status_code": status})
+        # One call, not two: each checks the span's state (and the SDK's takes its lock).
+        set_attributes({"http.route": template, "http.response.status_code": status})
     else:
-        span.set_attribute("http.response.status_code", status)
+        set_attributes({"http.response.status_code": status})
     if failure is not None:
         span.record_exception(failure)
-        span.set_attribute("error.type", type(failure).__qualname__)
+        set_attributes({"error.type": type(failure).__qualname__})
         span.set_status(StatusCode.ERROR, type(failure).__qualname__)
     elif status >= 500:  # noqa: PLR2004 -- server errors mark a server span as failed
-        span.set_attribute("error.type", str(status))
+        set_attributes({"error.type": str(status)})
         span.set_status(StatusCode.ERROR)
 
 

@@ -43,6 +43,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler, T
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags, TraceState
 
 from bastion.errors import ConfigurationError
+from bastion.observability._server_span import ServerSpans, sampled_flags
 from bastion.settings import TracingSettings
 
 __all__ = [
@@ -76,6 +77,10 @@ class Tracing:
         provider: the app's SDK tracer provider.
         tracer: the tracer server spans are started with.
         trace_operational: whether probes and ``/metrics`` get spans too.
+        root_sample_bound: new traces whose id's low 64 bits are below it are recorded.
+        ids: hands a sampled root's trace id to the SDK when the SDK makes the span.
+        spans: makes recorded server spans without the SDK's ``start_span``
+            (``None``: the SDK makes them).
     """
 
     provider: TracerProvider
@@ -83,6 +88,7 @@ class Tracing:
     trace_operational: bool
     root_sample_bound: int = 0
     ids: PrimedIdGenerator | None = None
+    spans: ServerSpans | None = None
 
     def start_server_span(
         self,
@@ -99,26 +105,41 @@ class Tracing:
         bound. A span that will not be recorded is a ``NonRecordingSpan`` made
         here (~1 µs, with ids for the logs and outbound ``traceparent``) rather
         than by the SDK's ``start_span`` (~3 µs, the same span): at 10% sampling
-        nine requests in ten take this path. A sampled root's trace id is handed
-        to the SDK through :class:`PrimedIdGenerator`, so the SDK's sampler sees
-        the id the decision was made on and agrees.
+        nine requests in ten take this path. A span that will be recorded is a
+        :class:`~bastion.observability._server_span.ServerSpan` with the ids,
+        flags and trace state the SDK would give it, handed to the provider's
+        span processors when it ends; where that cannot stand in for the SDK's
+        span (:meth:`ServerSpans.of`, or a tracer switched off) the SDK's
+        ``start_span`` makes it, a sampled root's trace id handed over through
+        :class:`PrimedIdGenerator` so the SDK's sampler sees the id the decision
+        was made on and agrees.
 
         Args:
             name: the span's first name (the method; the route is known at the end).
             parent: the inbound ``traceparent``'s context, or ``None`` for a new trace.
             attributes_of: builds the span's start attributes from ``source``;
-                called only for a span that is recorded (given to the SDK at start,
+                called only for a span that is recorded (given to the span at start,
                 which costs less than setting them after).
             source: what ``attributes_of`` reads (the request's scope, say).
         """
         if parent is not None:
             if parent.trace_flags.sampled:
+                attributes = attributes_of(source) if attributes_of is not None else None
+                spans = self.spans
+                if spans is not None and spans.enabled():
+                    # The SDK's child of a remote parent: sampled, the caller's level-2
+                    # random flag and trace state kept.
+                    own = SpanContext(
+                        parent.trace_id,
+                        _span_id(),
+                        False,
+                        sampled_flags(parent),
+                        parent.trace_state,
+                    )
+                    return spans.start(name, own, parent, attributes)
                 context = trace.set_span_in_context(NonRecordingSpan(parent), Context())
                 return self.tracer.start_span(
-                    name,
-                    context=context,
-                    kind=SpanKind.SERVER,
-                    attributes=attributes_of(source) if attributes_of is not None else None,
+                    name, context=context, kind=SpanKind.SERVER, attributes=attributes
                 )
             # Level 2: the caller's random-trace-id flag is kept, as the SDK keeps it.
             flags = TraceFlags(parent.trace_flags & _RANDOM_TRACE_ID)
@@ -127,12 +148,15 @@ class Tracing:
             )
         trace_id = _trace_id()
         if (trace_id & _TRACE_ID_LIMIT) < self.root_sample_bound and self.ids is not None:
+            attributes = attributes_of(source) if attributes_of is not None else None
+            spans = self.spans
+            if spans is not None and spans.enabled():
+                # As the SDK's root: sampled and random flags, an empty trace state.
+                own = SpanContext(trace_id, _span_id(), False, _NEW_SAMPLED)
+                return spans.start(name, own, None, attributes)
             self.ids.prime(trace_id)
             return self.tracer.start_span(
-                name,
-                context=_NO_PARENT,
-                kind=SpanKind.SERVER,
-                attributes=attributes_of(source) if attributes_of is not None else None,
+                name, context=_NO_PARENT, kind=SpanKind.SERVER, attributes=attributes
             )
         return NonRecordingSpan(SpanContext(trace_id, _span_id(), False, _NEW_UNSAMPLED))
 
@@ -175,9 +199,10 @@ def build_tracing(settings: TracingSettings) -> Tracing:
     exporter = _exporter(settings)
     # With no exporter nothing would read a recorded span: new traces get a
     # non-recording span, which still has ids for the logs and outbound
-    # traceparent (sampled flag off), at a third of a recorded span's cost
-    # (bench/request_path.py). An inbound sampled parent is still recorded and its
-    # flag passed on, so a caller's distributed trace is not broken here.
+    # traceparent (sampled flag off), at a third of an SDK span's cost and under
+    # half of bastion's recorded one (docs/observability.md). An inbound sampled
+    # parent is still recorded and its flag passed on, so a caller's distributed
+    # trace is not broken here.
     root: Sampler = ALWAYS_OFF if exporter is None else TraceIdRatioBased(settings.sample_ratio)
     ids = PrimedIdGenerator()
     provider = TracerProvider(
@@ -190,9 +215,9 @@ def build_tracing(settings: TracingSettings) -> Tracing:
     if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
         trace.set_tracer_provider(provider)
     bound = 0 if exporter is None else TraceIdRatioBased.get_bound_for_rate(settings.sample_ratio)
-    return Tracing(
-        provider, provider.get_tracer("bastion.http"), settings.trace_operational, bound, ids
-    )
+    tracer = provider.get_tracer("bastion.http")
+    spans = ServerSpans.of(provider, tracer)
+    return Tracing(provider, tracer, settings.trace_operational, bound, ids, spans)
 
 
 def _exporter(settings: TracingSettings) -> SpanExporter | None:
@@ -334,6 +359,7 @@ _TRACE_ID_LIMIT: Final = (1 << 64) - 1
 # the same of its ids).
 _RANDOM_TRACE_ID: Final = 0x02
 _NEW_UNSAMPLED: Final = TraceFlags(_RANDOM_TRACE_ID)
+_NEW_SAMPLED: Final = sampled_flags(None)
 # An explicit empty context: the sampled root must not pick up whatever span the
 # server's task happens to have current.
 _NO_PARENT: Final = Context()

@@ -16,7 +16,7 @@ from bastion.data import Database
 from bastion.errors import ConfigurationError
 from bastion.settings import DatabaseSettings, load_settings
 
-SHARED_STATE_SECTIONS = ["flags", "http", "jobs", "ratelimit", "realtime", "resilience"]
+SHARED_STATE_SECTIONS = ["flags", "http", "identity", "jobs", "ratelimit", "realtime", "resilience"]
 
 
 class TestBackendKind:

@@ -487,6 +487,81 @@ AUTH = (
         ),
     ),
     Row(
+        "Identity internals",
+        (
+            Panel(
+                "Password hash p99 by operation",
+                (
+                    Query(
+                        "histogram_quantile(0.99, sum by (le, operation) (rate("
+                        f"bastion_identity_password_hash_duration_seconds_bucket{{{SEL}}}"
+                        f"[{RATE}])))",
+                        "{{operation}}",
+                    ),
+                ),
+                unit="s",
+            ),
+            Panel(
+                "Password hashing refused (pool full) and rehashes",
+                (
+                    Query(
+                        "sum by (reason) (rate("
+                        f"bastion_identity_password_hash_rejected_total{{{SEL}}}[{RATE}]))",
+                        "refused: {{reason}}",
+                    ),
+                    Query(
+                        "sum by (scheme) (rate("
+                        f"bastion_identity_password_rehashes_total{{{SEL}}}[{RATE}]))",
+                        "rehashed from {{scheme}}",
+                    ),
+                ),
+                unit="ops",
+            ),
+            Panel(
+                "Security events by kind",
+                (
+                    Query(
+                        "sum by (kind, outcome) (rate("
+                        f"bastion_identity_security_events_total{{{SEL}}}[{RATE}]))",
+                        "{{kind}} {{outcome}}",
+                    ),
+                ),
+                unit="ops",
+            ),
+            Panel(
+                "Token deny-list checks by result",
+                (
+                    Query(
+                        "sum by (result) (rate("
+                        f"bastion_identity_deny_list_checks_total{{{SEL}}}[{RATE}]))",
+                        "{{result}}",
+                    ),
+                ),
+                unit="ops",
+            ),
+            Panel(
+                "OIDC document fetches by outcome",
+                (
+                    Query(
+                        "sum by (provider, document, outcome) (increase("
+                        f"bastion_identity_oidc_fetches_total{{{SEL}}}[{RATE}]))",
+                        "{{provider}} {{document}} {{outcome}}",
+                    ),
+                ),
+            ),
+            Panel(
+                "Mail by purpose and outcome",
+                (
+                    Query(
+                        "sum by (purpose, outcome) (increase("
+                        f"bastion_identity_mail_messages_total{{{SEL}}}[{RATE}]))",
+                        "{{purpose}} {{outcome}}",
+                    ),
+                ),
+            ),
+        ),
+    ),
+    Row(
         "Rate limiting",
         (
             Panel(

@@ -27,6 +27,8 @@ from bastion.errors import (
     problem_responses,
     set_problem_type_base,
 )
+from bastion.identity import protected_operations
+from bastion.identity._events import emit_lockout
 from bastion.lifecycle import Lifecycle
 from bastion.observability import (
     HealthRegistry,
@@ -250,6 +252,8 @@ def _install_ratelimit(
         fail_open=fail_open,
         max_log_limit=section.max_log_limit,
     )
+    # Lockouts are security events: logged now, persisted once the audit trail exists.
+    login.on_lockout(emit_lockout)
     limiter = RateLimiter(
         section, store=store, operational_prefixes=operational, quotas=quotas, login=login
     )
@@ -565,6 +569,7 @@ _ALWAYS = problem_responses(
 )
 _VALIDATION = problem_responses(ErrorCode.INVALID_INPUT)
 _LIMITED = problem_responses(ErrorCode.RATE_LIMITED)
+_GUARDED = problem_responses(ErrorCode.UNAUTHENTICATED, ErrorCode.FORBIDDEN)
 
 
 def _document_errors(app: Starlette, *, timeouts: bool, limiter: RateLimiter | None = None) -> None:
@@ -572,7 +577,9 @@ def _document_errors(app: Starlette, *, timeouts: bool, limiter: RateLimiter | N
 
     With ``timeouts`` (a default request deadline), every operation also lists
     504 ``REQUEST_TIMEOUT``; with a ``limiter``, every operation a policy limits
-    lists 429 ``RATE_LIMITED``. ``502 DEPENDENCY_FAILURE`` is left to the
+    lists 429 ``RATE_LIMITED``; an operation guarded by a permission check
+    (``bastion.identity.require``/``requires``) lists 401 ``UNAUTHENTICATED`` and
+    403 ``FORBIDDEN``. ``502 DEPENDENCY_FAILURE`` is left to the
     endpoints that call a dependency through a pipeline: they declare it with
     ``problem_responses``.
     """
@@ -595,11 +602,15 @@ def _document_errors(app: Starlette, *, timeouts: bool, limiter: RateLimiter | N
         # Read now, not at install: the app's routes are complete by the first request.
         limited = limiter.operations(app.router.routes) if limiter is not None else {}
         default = limiter.default if limiter is not None else None
+        guarded = protected_operations(app.router.routes)
         for template, path in schema.get("paths", {}).items():
             for method, operation in path.items():
                 responses = operation.setdefault("responses", {})
                 if limited.get((method.upper(), template), default) is not None:
                     responses.setdefault("429", _LIMITED[429])
+                if (method.upper(), template) in guarded:
+                    responses.setdefault("401", _GUARDED[401])
+                    responses.setdefault("403", _GUARDED[403])
                 if "422" in responses:
                     responses["422"] = _merge(responses["422"], _VALIDATION[422])
                 responses.setdefault("500", _ALWAYS[500])

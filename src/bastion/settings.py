@@ -2,8 +2,9 @@
 
 Sources, in rising precedence: defaults, an optional ``bastion.toml`` (or the
 file named by ``BASTION_CONFIG_FILE``), ``BASTION_<SECTION>__<KEY>`` environment
-variables, and keyword arguments. Precedence is decided in one place,
-:meth:`Settings.settings_customise_sources`.
+variables, the secret sources of ``bastion._secrets`` (a ``secrets.directory`` of
+files, ``BASTION_<VARIABLE>_FILE``, OpenBao), and keyword arguments. Precedence is
+decided in one place, :meth:`Settings.settings_customise_sources`.
 """
 
 from __future__ import annotations
@@ -36,31 +37,37 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from bastion._secrets import secret_sources
 from bastion.backends import BackendKind, backend_kind, redact_url
 from bastion.errors import ConfigurationError
 
 __all__ = [
+    "AuthorizationSettings",
     "DatabaseSettings",
     "DependencyKind",
     "DependencyPolicy",
     "HealthSettings",
     "HttpSettings",
+    "IdentitySettings",
     "IsolationLevel",
     "LimitExpression",
     "LoggingSettings",
     "LoginThrottleSettings",
     "MetricsSettings",
     "MigrationsSettings",
+    "PasswordSettings",
     "RateLimitAlgorithm",
     "RateLimitKey",
     "RateLimitPolicy",
     "RateLimitSettings",
     "RedisSettings",
     "ResilienceSettings",
+    "SecretsSettings",
     "SectionSettings",
     "ServerSettings",
     "Settings",
     "Strategy",
+    "TokenSettings",
     "TracingSettings",
     "load_settings",
 ]
@@ -473,8 +480,116 @@ class RateLimitSettings(SharedStateSection):
         return self
 
 
-class IdentitySettings(SectionSettings):
-    """Accounts, tokens and API keys (a later issue fills this section in)."""
+class PasswordSettings(_Section):
+    """Password hashing (Argon2id with a server-side pepper) and policy."""
+
+    pepper: SecretStr | None = None
+    """Server-side secret mixed into every password hash (at least 256 bits); a
+    generated one with a warning in development, a start-up failure in production."""
+    time_cost: int = Field(default=2, ge=1)
+    """Argon2id iterations (OWASP: 2 with 19 MiB)."""
+    memory_cost: int = Field(default=19_456, ge=8)
+    """Argon2id memory in KiB (19 MiB)."""
+    parallelism: int = Field(default=1, ge=1)
+    """Argon2id lanes."""
+    min_length: int = Field(default=12, ge=8)
+    """Shortest password accepted."""
+    max_length: int = Field(default=256, ge=64)
+    """Longest password accepted (never below 64)."""
+    check_common: bool = True
+    """Refuse passwords from the bundled list of common and breached passwords."""
+    hash_concurrency: int | None = Field(default=None, ge=1)
+    """Hashes computed at once (in worker threads); more wait, so a login burst
+    cannot starve other requests. ``None``: the CPUs this process may use; with
+    several worker processes on one host, divide it by their number. More threads
+    than cores only share them: on 2 cores, 4 threads put 10 concurrent logins at
+    320 ms p99 against 127 ms with 2 (bench/passwords.py)."""
+    hash_queue: int = Field(default=64, ge=0)
+    """Callers that may wait for a hashing thread; one more is answered 503
+    ``SERVICE_UNAVAILABLE`` with ``Retry-After`` at once."""
+    hash_wait: Seconds = 1.0
+    """How long a caller may wait for a hashing thread before it is answered 503."""
+
+
+class TokenSettings(_Section):
+    """Access tokens (JWT) and their signing keys."""
+
+    issuer: str = "bastion"
+    """``iss`` of issued tokens, and the one accepted."""
+    audience: str = "bastion"
+    """``aud`` of issued tokens, and the one accepted."""
+    algorithm: Literal["EdDSA", "ES256", "RS256", "HS256"] = "EdDSA"
+    """Algorithm of a generated development key."""
+    signing_keys: SecretStr | None = None
+    """The signing keys as a JWKS (private JSON Web Keys with ``kid`` and ``alg``),
+    newest first: the first signs, the others still verify until they are removed
+    (the rotation overlap). ``None``: a development key under ``./var/`` with a
+    warning; a start-up failure in production."""
+    key_directory: str = "./var/keys"
+    """Where the development key is generated and kept."""
+    access_ttl: Seconds = 900.0
+    """Life of an access token."""
+    refresh_ttl: Seconds = 2_592_000.0
+    """Life of a refresh token family without use."""
+    leeway: Seconds = 30.0
+    """Clock skew tolerated on ``exp``, ``nbf`` and ``iat``."""
+
+
+class AuthorizationSettings(_Section):
+    """Roles, permissions and the permission cache."""
+
+    permission_ttl: Seconds = 300.0
+    """How long effective permissions per (user, tenant) stay cached."""
+    role_ttl: Seconds = 600.0
+    """How long role definitions stay cached."""
+    hit_rate_warning: float = Field(default=0.7, ge=0.0, le=1.0)
+    """Hit rate under which a warning is logged (once per ``hit_rate_window``)."""
+    hit_rate_window: Seconds = 300.0
+    """Seconds over which the hit rate is measured; windows of under 100 lookups
+    never warn."""
+    timeout: Seconds = 0.05
+    """Seconds one Redis round trip of a permission check may take; past it, or on
+    any Redis error, the loader (database) answers and Redis is left alone for a second."""
+    verify_every_request: bool = True
+    """Check the invalidation versions in Redis on every lookup (one round trip, a
+    change is seen by the next request on every instance). ``False``: a local hit
+    makes no round trip; changes arrive by pub/sub, and ``local_ttl`` bounds how
+    long a lost message can leave a value stale."""
+    local_ttl: Seconds = 1.0
+    """With ``verify_every_request`` off, seconds a local value is trusted unchecked."""
+
+
+class IdentitySettings(SharedStateSection):
+    """Accounts, passwords, tokens, API keys, roles and the permission cache.
+
+    Shared state (the permission cache and its invalidations, token revocations)
+    lives in ``store_url`` (``redis.url`` when set, else memory).
+    """
+
+    passwords: PasswordSettings = PasswordSettings()
+    tokens: TokenSettings = TokenSettings()
+    authorization: AuthorizationSettings = AuthorizationSettings()
+
+
+class SecretsSettings(_Section):
+    """Where secrets come from besides the environment, and how they are checked."""
+
+    directory: str | None = None
+    """A directory of secret files (``/run/secrets``); a file named like a variable
+    (``BASTION_IDENTITY__PASSWORDS__PEPPER``) holds its value."""
+    openbao_url: str | None = None
+    """OpenBao or Vault address (``http://127.0.0.1:8200``); ``None``: not used."""
+    openbao_token: SecretStr | None = None
+    """Token for ``openbao_url``."""
+    openbao_path: str = "bastion"
+    """KV v2 path whose keys are variable names (``BASTION_IDENTITY__PASSWORDS__PEPPER``)."""
+    openbao_mount: str = "secret"
+    """KV v2 mount point."""
+    openbao_timeout: Seconds = Field(default=5.0, gt=0)
+    """Seconds the one read at start-up may take; past it, start-up fails naming the URL."""
+    development_directory: str = "./var/secrets"
+    """Where development keeps the secrets it generates (a missing pepper), so every
+    worker and restart use the same value. Never used in production."""
 
 
 class TenancySettings(SectionSettings):
@@ -611,6 +726,7 @@ class Settings(BaseSettings):
     resilience: ResilienceSettings = ResilienceSettings()
     ratelimit: RateLimitSettings = RateLimitSettings()
     identity: IdentitySettings = IdentitySettings()
+    secrets: SecretsSettings = SecretsSettings()
     tenancy: TenancySettings = TenancySettings()
     audit: AuditSettings = AuditSettings()
     flags: FlagsSettings = FlagsSettings()
@@ -633,12 +749,13 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Keyword arguments over environment over ``bastion.toml`` over defaults."""
-        return (
-            init_settings,
-            env_settings,
-            TomlConfigSettingsSource(settings_cls, toml_file=_config_file()),
-        )
+        """Keyword arguments over secret sources over environment over ``bastion.toml``.
+
+        The secret sources (``bastion._secrets``): OpenBao over ``*_FILE`` variables
+        over the ``secrets.directory`` files.
+        """
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=_config_file())
+        return secret_sources(settings_cls, init_settings, env_settings, toml)
 
     @property
     def migration_mode(self) -> Literal["auto", "check", "off"]:

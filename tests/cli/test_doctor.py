@@ -130,7 +130,9 @@ class TestRiskyCombinations:
         result = cli("doctor", "--no-app", "--json")
         shared = findings(result)["workers: shared state"]
         assert (0, "warning") == (result.exit_code, shared["status"])
-        assert shared["detail"].startswith("http, resilience, ratelimit, flags, realtime, jobs")
+        assert shared["detail"].startswith(
+            "http, resilience, ratelimit, identity, flags, realtime, jobs"
+        )
         assert "BASTION_REDIS__URL" in shared["fix"]
         assert "warning" == findings(result)["workers: database"]["status"]
 

@@ -47,6 +47,13 @@ __all__ = [
     "HTTP_REQUEST_DURATION",
     "HTTP_RESPONSE_BODY_SIZE",
     "HTTP_TENANT_REQUEST_DURATION",
+    "IDENTITY_DENY_LIST_CHECKS",
+    "IDENTITY_MAIL_MESSAGES",
+    "IDENTITY_OIDC_FETCHES",
+    "IDENTITY_PASSWORD_HASH_DURATION",
+    "IDENTITY_PASSWORD_HASH_REJECTED",
+    "IDENTITY_PASSWORD_REHASHES",
+    "IDENTITY_SECURITY_EVENTS",
     "MIGRATIONS_APPLIED",
     "OUTBOX_LAG",
     "OUTBOX_PENDING",
@@ -271,4 +278,53 @@ OUTBOX_PENDING: Final = Gauge(
     "bastion_outbox_pending_messages",
     "Outbox messages not yet published.",
     multiprocess_mode="max",
+)
+
+# --- Identity: passwords and security events (issue 7) ----------------------------
+IDENTITY_PASSWORD_HASH_DURATION: Final = Histogram(
+    "bastion_identity_password_hash_duration_seconds",
+    "Time a password hash or verification held a hashing thread, by operation"
+    " (hash, verify, dummy).",
+    ["operation"],
+    buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5),
+)
+IDENTITY_PASSWORD_HASH_REJECTED: Final = Counter(
+    "bastion_identity_password_hash_rejected_total",
+    "Password hashes refused 503 because the hashing pool was busy, by reason"
+    " (queue_full, timeout).",
+    ["reason"],
+)
+IDENTITY_PASSWORD_REHASHES: Final = Counter(
+    "bastion_identity_password_rehashes_total",
+    "Passwords rehashed at login, by the scheme of the replaced hash (argon2id, bcrypt).",
+    ["scheme"],
+)
+IDENTITY_SECURITY_EVENTS: Final = Counter(
+    "bastion_identity_security_events_total",
+    "Security events emitted, by kind and outcome.",
+    ["kind", "outcome"],
+)
+
+# --- Identity: external OIDC issuers (issue 7) -------------------------------------
+IDENTITY_OIDC_FETCHES: Final = Counter(
+    "bastion_identity_oidc_fetches_total",
+    "Fetches of an external OIDC issuer's documents, by provider, document (discovery,"
+    " jwks) and outcome (ok, error).",
+    ["provider", "document", "outcome"],
+)
+
+# --- Identity: e-mail (issue 7) ----------------------------------------------------
+IDENTITY_MAIL_MESSAGES: Final = Counter(
+    "bastion_identity_mail_messages_total",
+    "E-mail messages handed to a sender, by purpose (verification, password_reset,"
+    " invitation...) and outcome (sent, logged, rejected, failed).",
+    ["purpose", "outcome"],
+)
+
+# --- Identity: access-token deny list (issue 7) ------------------------------------
+IDENTITY_DENY_LIST_CHECKS: Final = Counter(
+    "bastion_identity_deny_list_checks_total",
+    "Access-token deny-list checks by result (allowed, revoked, failed_open,"
+    " failed_closed: the store could not answer).",
+    ["result"],
 )

@@ -182,6 +182,7 @@ PUBLIC_NAMES = {
         "generate_jwks",
         "grants",
         "jwks_route",
+        "log_security_event",
         "normalise_password",
         "on_security_event",
         "protected_operations",

@@ -562,7 +562,9 @@ def _check_jwk(key: Any, position: int, rule: SecretRule) -> tuple[str, str] | N
         return "invalid", f"key {position} is not a JSON Web Key"
     name = f"key {key.get('kid', position)!r}"
     if key["kty"] != "oct":
-        return _check_private_jwk(key, name)
+        # Only the first key signs; the ones after it may be public keys that are
+        # still trusted during a rotation's overlap (KeySet accepts them so).
+        return _check_asymmetric_jwk(key, name, signing=position == 0)
     try:
         material = _b64_bytes(str(key.get("k", "")))
     except ValueError:
@@ -581,9 +583,11 @@ def _check_jwk(key: Any, position: int, rule: SecretRule) -> tuple[str, str] | N
     return None
 
 
-def _check_private_jwk(key: dict[str, Any], name: str) -> tuple[str, str] | None:
-    if "d" not in key:
-        return "invalid", f"{name} has no private part ('d'): it cannot sign"
+def _check_asymmetric_jwk(
+    key: dict[str, Any], name: str, *, signing: bool
+) -> tuple[str, str] | None:
+    if signing and "d" not in key:
+        return "invalid", f"{name} has no private part ('d'): the first key signs"
     if key["kty"] == "RSA":
         try:
             modulus = _b64_bytes(str(key.get("n", "")))

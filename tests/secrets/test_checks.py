@@ -207,6 +207,15 @@ class TestJwksKeys:
         jwks = json.dumps({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "AA", "d": "AA"}]})
         assert set() == problems(identity={"tokens": {"signing_keys": jwks}})
 
+    def test_a_public_previous_key_is_a_rotation_overlap_not_a_problem(self):
+        """The first key signs and needs its private part; the ones after it may be public."""
+        private = {"kty": "OKP", "crv": "Ed25519", "kid": "new", "x": "AA", "d": "AA"}
+        public = {"kty": "OKP", "crv": "Ed25519", "kid": "old", "x": "AA"}
+        rotating = json.dumps({"keys": [private, public]})
+        assert set() == problems(identity={"tokens": {"signing_keys": rotating}})
+        only_public = json.dumps({"keys": [public, private]})
+        assert {(KEYS, "invalid")} == problems(identity={"tokens": {"signing_keys": only_public}})
+
 
 class TestEdgeValues:
     def test_empty_value_is_missing(self):

@@ -27,6 +27,7 @@ from bastion.identity._events import (
     SecurityEventKind,
     SecurityOutcome,
     emit_security_event,
+    log_security_event,
     on_security_event,
     remove_security_listener,
 )
@@ -143,6 +144,7 @@ __all__ = [
     "generate_jwks",
     "grants",
     "jwks_route",
+    "log_security_event",
     "normalise_password",
     "on_security_event",
     "protected_operations",

@@ -520,7 +520,7 @@ def _pepper_bytes(pepper: SecretStr | str | bytes | None) -> bytes:
     if not pepper:
         raise ConfigurationError(
             "identity.passwords.pepper is not set: set BASTION_IDENTITY__PASSWORDS__PEPPER"
-            " (at least 32 random bytes, such as `openssl rand -base64 32`)"
+            " (at least 32 random bytes; 48 leaves a margin: `openssl rand -base64 48`)"
         )
     if len(pepper) < MIN_PEPPER_BYTES:
         raise ConfigurationError(

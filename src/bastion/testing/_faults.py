@@ -24,6 +24,7 @@ import random
 import socket
 import struct
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -64,20 +65,20 @@ _DEFAULT_PORTS: Final = {
 }
 
 
-class ServedInBackground:
+class ServedInBackground(ABC):
     """A server on its own thread: ``with`` and ``async with`` start and stop it.
 
     ``async with`` starts and stops it from a worker thread, so the caller's
     event loop keeps running while the server's loop comes up or winds down.
     """
 
+    @abstractmethod
     def start(self) -> Self:
         """Start serving; return ``self``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def stop(self) -> None:
         """Stop serving."""
-        raise NotImplementedError
 
     def __enter__(self) -> Self:
         return self.start()

@@ -45,6 +45,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _asgi import StatusSend, http_scope, receive, start_lifespan
 from _machine import describe, format_description, steal_percent, steal_ticks
 
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
@@ -75,70 +76,16 @@ DIAGNOSTICS: dict[str, tuple[Any, ...]] = {
 }
 
 
-def _scope(path: str) -> dict[str, Any]:
-    # What uvicorn's httptools protocol builds for `GET /items/42` from wrk.
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "server": ("127.0.0.1", 8000),
-        "client": ("127.0.0.1", 51234),
-        "scheme": "http",
-        "method": "GET",
-        "root_path": "",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "headers": [(b"host", b"127.0.0.1:8000")],
-        "state": {},
-    }
-
-
-async def _receive() -> dict[str, Any]:
-    return {"type": "http.request", "body": b"", "more_body": False}
-
-
-class _Send:
-    __slots__ = ("status",)
-
-    def __init__(self) -> None:
-        self.status = 0
-
-    async def __call__(self, message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            self.status = message["status"]
-
-
-async def _lifespan(app: ASGIApp) -> Callable[[], Awaitable[None]]:
-    """Run the app's start-up through the ASGI lifespan protocol; return its shutdown."""
-    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    await inbox.put({"type": "lifespan.startup"})
-    task = asyncio.create_task(
-        app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, inbox.get, outbox.put)
-    )
-    message = await outbox.get()
-    if message["type"] != "lifespan.startup.complete":
-        raise RuntimeError(f"start-up failed: {message}")
-
-    async def shutdown() -> None:
-        await inbox.put({"type": "lifespan.shutdown"})
-        await outbox.get()
-        await task
-
-    return shutdown
-
-
 async def _run(app: ASGIApp, scope: dict[str, Any], requests: int, batch: int) -> float:
     """Serve ``requests`` requests; return the mean CPU µs per request."""
-    send = _Send()
+    send = StatusSend()
     sleep = asyncio.sleep
     gc.collect()
     # CPU time of this thread, not wall time: on a shared machine other processes'
     # time slices would otherwise land in whichever variant was running.
     started = time.thread_time_ns()
     for i in range(requests):
-        await app(scope.copy(), _receive, send)
+        await app(scope.copy(), receive, send)
         if i % batch == 0:
             # Yield to the loop like a server does between batches of ready
             # requests, so the access log's once-per-turn flush runs.
@@ -176,8 +123,8 @@ async def _main(args: argparse.Namespace, out: io.TextIOWrapper) -> dict[str, An
 
     names = [name for name in [*_apps.VARIANTS, *DIAGNOSTICS] if name in args.variants]
     apps = {name: _build(name) for name in names}
-    shutdowns = [await _lifespan(app) for app in apps.values()]
-    scope = _scope(_apps.PATH)
+    shutdowns = [await start_lifespan(app) for app in apps.values()]
+    scope = http_scope(_apps.PATH)
     for app in apps.values():  # warm-up: caches, route compilation, first-use paths
         await _run(app, scope, 2000, args.batch)
 

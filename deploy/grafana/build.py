@@ -590,6 +590,17 @@ AUTH = (
                 unit="percentunit",
             ),
             Panel(
+                "Tenant quota rejections by quota",
+                (
+                    Query(
+                        "sum by (quota) "
+                        f"(rate(bastion_tenant_quota_rejections_total{{{SEL}}}[{RATE}]))",
+                        "{{quota}}",
+                    ),
+                ),
+                unit="reqps",
+            ),
+            Panel(
                 "Limit store errors by reason",
                 (
                     Query(

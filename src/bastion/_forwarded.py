@@ -24,7 +24,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Final
 
-__all__ = ["ClientAddress", "normalize_address"]
+__all__ = ["ClientAddress", "NetworkSet", "normalize_address"]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -155,6 +155,48 @@ class ClientAddress:
             cache.clear()
         cache[text] = result
         return result
+
+
+class NetworkSet:
+    """CIDRs and whether an address is in one of them, each answer remembered.
+
+    The membership test is on every request of a listed feature (exempt
+    networks, trusted callers); after an address's first request it is one dict
+    lookup. IPv4-mapped IPv6 addresses count as their IPv4 address.
+
+    Args:
+        cidrs: networks such as ``10.0.0.0/8``; host bits are ignored.
+        cache_max: answers kept before the cache starts over.
+    """
+
+    __slots__ = ("_cache", "_cache_max", "networks")
+
+    def __init__(self, cidrs: Iterable[str], *, cache_max: int = _CACHE_MAX) -> None:
+        self.networks: tuple[IPNetwork, ...] = tuple(
+            ipaddress.ip_network(cidr, strict=False) for cidr in cidrs
+        )
+        self._cache: dict[str, bool] = {}
+        self._cache_max = cache_max
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def __contains__(self, address: object) -> bool:
+        if not isinstance(address, str) or not self.networks:
+            return False
+        cache = self._cache
+        found = cache.get(address)
+        if found is None:
+            try:
+                ip = _unmapped(ipaddress.ip_address(address))
+            except ValueError:
+                found = False
+            else:
+                found = any(ip in network for network in self.networks)
+            if len(cache) >= self._cache_max:
+                cache.clear()
+            cache[address] = found
+        return found
 
 
 def _host(text: str) -> str:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
+import sys
 from typing import Any
 
 from bastion._stack import Bastion
@@ -46,10 +48,14 @@ def _is_asgi_app(target: Any) -> bool:
 def load_runtime(spec: str) -> Bastion:
     """Load the app and return what ``bastion.install`` put on it.
 
+    For commands, whose standard output is their result: what the app logs while
+    it is built (a development secret generated, say) goes to standard error.
+
     Raises:
         ConfigurationError: the app cannot be loaded or has no bastion installed.
     """
-    app = load_app(spec)
+    with contextlib.redirect_stdout(sys.stderr):
+        app = load_app(spec)
     state = getattr(app, "state", None)
     runtime = getattr(state, "bastion", None)
     if not isinstance(runtime, Bastion):

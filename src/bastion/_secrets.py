@@ -360,6 +360,11 @@ SECRET_RULES: Final[Mapping[tuple[str, ...], SecretRule]] = {
     ("identity", "tokens", "signing_keys"): SecretRule(
         SecretKind.JWKS, 256, required_in="identity"
     ),
+    # Keys the stored hash of every API key, like a pepper does for passwords.
+    ("identity", "api_keys", "secret"): SecretRule(
+        SecretKind.KEY, 256, required_in="identity", generated_in_development=True
+    ),
+    ("identity", "api_keys", "previous_secrets"): SecretRule(SecretKind.KEY, 256),
     # Bearer tokens are online guesses against a server: 128 bits is far past reach.
     ("http", "admin_token"): SecretRule(SecretKind.TOKEN, 128),
     ("metrics", "token"): SecretRule(SecretKind.TOKEN, 128),
@@ -373,6 +378,7 @@ NOT_CHECKED: Final[Mapping[tuple[str, ...], str]] = {
     ("redis", "url"): "a DSN: the Redis server owns its password policy",
     ("events", "broker_url"): "a DSN: the broker owns its password policy",
     ("secrets", "openbao_token"): "issued by OpenBao, which owns its form and life",
+    ("identity", "mail", "smtp_password"): "the mail server owns its password policy",
 }
 """Secret settings deliberately left unchecked, with why (a test keeps both maps complete)."""
 
@@ -628,12 +634,16 @@ def check_secrets(settings: Settings) -> list[SecretProblem]:
                 message = f"{variable} is required in production"
                 problems.append(SecretProblem(variable, "missing", message, fatal=True))
             continue
-        value = secret.get_secret_value() if isinstance(secret, SecretStr) else str(secret)
         checker = _check_jwks if rule.kind is SecretKind.JWKS else _check_value
-        found = checker(value, rule)
-        if found is not None:
-            problem, what = found
-            problems.append(SecretProblem(variable, problem, f"{variable} {what}", production))
+        # A list (older secrets kept for rotation) is checked entry by entry.
+        entries = list(enumerate(secret)) if isinstance(secret, list) else [(None, secret)]
+        for index, entry in entries:
+            value = entry.get_secret_value() if isinstance(entry, SecretStr) else str(entry)
+            found = checker(value, rule)
+            if found is not None:
+                problem, what = found
+                name = variable if index is None else f"{variable}[{index}]"
+                problems.append(SecretProblem(name, problem, f"{name} {what}", production))
     return problems
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
+from fastapi import APIRouter
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -17,6 +18,7 @@ from starlette.routing import BaseRoute, Route
 from bastion._access import AccessPolicy
 from bastion._admin import ADMIN_PREFIX, AdminRoutes
 from bastion._forwarded import ClientAddress
+from bastion._secrets import enforce_secrets
 from bastion.backends import BackendKind, backend_kind, import_optional, redact_url
 from bastion.data import Database, MigrationTree, Migrator
 from bastion.data._transaction import default_database, use_database
@@ -27,8 +29,17 @@ from bastion.errors import (
     problem_responses,
     set_problem_type_base,
 )
-from bastion.identity import protected_operations
+from bastion.identity import jwks_route, protected_operations
+from bastion.identity._build import (
+    build_identity,
+    identity_checks,
+    start_identity,
+    stop_identity,
+)
 from bastion.identity._events import emit_lockout
+from bastion.identity._middleware import IdentityMiddleware
+from bastion.identity._rbac import authenticated_operations
+from bastion.identity._runtime import Identity
 from bastion.lifecycle import Lifecycle
 from bastion.observability import (
     HealthRegistry,
@@ -54,6 +65,8 @@ from bastion.resilience import Resilience, current_resilience, use_resilience
 from bastion.resilience._deadline import RequestDeadlines
 from bastion.resilience._http import forget_client_tracing, use_client_tracing
 from bastion.settings import Settings, load_settings
+from bastion.tenancy._admin import tenant_admin_routes
+from bastion.tenancy._scope import current_tenant_id
 
 __all__ = ["Bastion", "create_app", "install"]
 
@@ -67,6 +80,8 @@ PRIORITY_POOLS = 10
 PRIORITY_RESILIENCE = 15
 # After the pools open (the limiter's Redis client is one of them), closed before them.
 PRIORITY_RATELIMIT = 16
+# After the pools and the limiter (its login throttle and quotas are identity's), closed before.
+PRIORITY_IDENTITY = 17
 PRIORITY_MIGRATIONS = 20
 
 
@@ -86,6 +101,8 @@ class Bastion:
             or ``None`` when ``resilience.enabled`` is off.
         ratelimit: the rate limiter (policies, ``hit``, ``quotas``, ``login``), or
             ``None`` when ``ratelimit.enabled`` is off.
+        identity: accounts, tokens, API keys and roles, or ``None`` when
+            ``identity.enabled`` or the database is off.
     """
 
     settings: Settings
@@ -97,6 +114,7 @@ class Bastion:
     tracing: Tracing | None = None
     resilience: Resilience | None = None
     ratelimit: RateLimiter | None = None
+    identity: Identity | None = None
 
 
 def install(app: Starlette, *, settings: Settings | None = None, **overrides: Any) -> Bastion:
@@ -106,7 +124,10 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
     failure, JSON logs with an access line per request, ``/health/live``,
     ``/health/ready`` and ``/health/circuits``, request deadlines, resilience
     pipelines for the database and Redis, the shared database, start-up
-    migrations and graceful shutdown.
+    migrations and graceful shutdown; with the database, identity too: its
+    secrets checked first, the principal of every request bound from its access
+    token, API key or trusted header, and the ``/v1/auth``, ``/v1/tenants``,
+    ``/v1/api-keys`` and JWKS routes.
 
     Example:
         >>> app = FastAPI()
@@ -121,7 +142,8 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
         The installed runtime, also at ``app.state.bastion``.
 
     Raises:
-        ConfigurationError: a setting is invalid, or bastion is already installed.
+        ConfigurationError: a setting is invalid, a secret is unfit in production (one
+            line per problem), or bastion is already installed.
     """
     if getattr(app.state, "bastion", None) is not None:
         raise ConfigurationError("bastion.install() was already called on this app")
@@ -132,6 +154,10 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
 
     set_problem_type_base(settings.http.problem_type_base)
     access_log = configure_logging(settings.logging) if settings.logging.enabled else None
+    if _identity_wanted(settings):
+        # Before anything is built from them: production refuses unfit secrets here, one
+        # line per problem; development fills in a generated pepper and API-key secret.
+        settings = enforce_secrets(settings)
     lifecycle = Lifecycle()
     health = HealthRegistry(
         lifecycle,
@@ -151,6 +177,15 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
     migrator = _install_migrations(settings, lifecycle, database)
     operational = (settings.health.path_prefix.rstrip("/") + "/", settings.metrics.path)
     limiter = _install_ratelimit(app, settings, lifecycle, redis, operational)
+    identity = _install_identity(
+        settings,
+        lifecycle=lifecycle,
+        health=health,
+        database=database,
+        redis=redis,
+        limiter=limiter,
+        resilience=resilience,
+    )
 
     if tracing is not None:
         # Last at shutdown (lowest priority): spans of the pools' closing are exported too.
@@ -163,7 +198,16 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
         if isinstance(native, dict):
             native["tracing"] = False
     runtime = Bastion(
-        settings, lifecycle, health, database, redis, migrator, tracing, resilience, limiter
+        settings,
+        lifecycle,
+        health,
+        database,
+        redis,
+        migrator,
+        tracing,
+        resilience,
+        limiter,
+        identity,
     )
     app.state.bastion = runtime
 
@@ -175,13 +219,22 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
     # The middleware answers GET and HEAD on the probes; at the router's end the same
     # routes give other methods a 405 with Allow, and cost app requests nothing.
     app.router.routes.extend(probes)
-    app.router.routes.extend(_admin_routes(settings, migrator, limiter))
+    app.router.routes.extend(_admin_routes(settings, migrator, limiter, identity))
     app.router.routes.extend(_install_metrics(settings))
+    if identity is not None and settings.identity.routes:
+        _mount_identity_routes(app, settings, identity)
     install_exception_handlers(app)
     if limiter is not None:
         # Added first, so it runs inside the request middleware: the context, with
         # the client address and identity, exists; the router comes after it.
         app.add_middleware(RateLimitMiddleware, limiter=limiter)
+    if identity is not None:
+        # Between the two: the client address is resolved, and limits key on the principal.
+        app.add_middleware(
+            IdentityMiddleware,
+            identity=identity,
+            skip_prefixes=(*operational, f"{ADMIN_PREFIX}/"),
+        )
     app.add_middleware(
         RequestMiddleware,
         lifecycle=lifecycle,
@@ -194,7 +247,12 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
         client_address=_client_address(settings),
     )
     app.router.lifespan_context = _wrap_lifespan(app.router.lifespan_context, lifecycle)
-    _document_errors(app, timeouts=deadlines is not None and deadlines.default > 0, limiter=limiter)
+    _document_errors(
+        app,
+        timeouts=deadlines is not None and deadlines.default > 0,
+        limiter=limiter,
+        identity=identity,
+    )
     return runtime
 
 
@@ -283,6 +341,69 @@ def _install_ratelimit(
     lifecycle.on_startup("rate limits", start, priority=PRIORITY_RATELIMIT)
     lifecycle.on_shutdown("close rate limits", stop, priority=PRIORITY_RATELIMIT)
     return limiter
+
+
+def _identity_wanted(settings: Settings) -> bool:
+    return settings.identity.enabled and settings.database.enabled
+
+
+def _install_identity(
+    settings: Settings,
+    *,
+    lifecycle: Lifecycle,
+    health: HealthRegistry,
+    database: Database | None,
+    redis: Any,
+    limiter: RateLimiter | None,
+    resilience: Resilience | None,
+) -> Identity | None:
+    if not settings.identity.enabled:
+        return None
+    if database is None:
+        # Not an error: an app without a database still serves, without accounts. Said
+        # only to an app that configured identity; the others never asked for it.
+        if "identity" in settings.model_fields_set:
+            logger.info("identity off: it needs the database (database.enabled is off)")
+        return None
+    client, own_client = _state_client(settings, "identity", redis)
+    identity = build_identity(
+        settings, database=database, redis=client, limiter=limiter, resilience=resilience
+    )
+    for check in identity_checks(identity, shared=client is not None):
+        health.register(check.name, check.check, critical=check.critical)
+
+    async def start() -> None:
+        await start_identity(identity)
+
+    async def stop() -> None:
+        await stop_identity(identity)
+        if own_client is not None:
+            await own_client.aclose()
+
+    lifecycle.on_startup("identity", start, priority=PRIORITY_IDENTITY)
+    lifecycle.on_shutdown("close identity", stop, priority=PRIORITY_IDENTITY)
+    return identity
+
+
+def _mount_identity_routes(app: Starlette, settings: Settings, identity: Identity) -> None:
+    """Mount the JWKS and the identity routers under ``identity.route_prefix``."""
+    # Imported here: the routes load the accounts, tenants and quotas modules, which an
+    # app without identity routes never needs.
+    from bastion.identity._api_key_routes import api_keys_router  # noqa: PLC0415 -- lazy, see above
+    from bastion.identity._auth_routes import auth_router  # noqa: PLC0415 -- lazy, see above
+    from bastion.identity._tenant_routes import tenants_router  # noqa: PLC0415 -- lazy, see above
+
+    app.router.routes.append(jwks_route(identity.keys))
+    prefix = settings.identity.route_prefix.rstrip("/")
+    router = APIRouter(prefix=prefix)
+    for child in (auth_router(), tenants_router(), api_keys_router()):
+        router.include_router(child)
+    include: Any = getattr(app, "include_router", None)
+    if include is not None:
+        include(router)
+    else:
+        # A plain Starlette app: FastAPI's routes run in its router all the same.
+        app.router.routes.extend(router.routes)
 
 
 def _install_database(
@@ -500,15 +621,22 @@ def _install_metrics(settings: Settings) -> list[BaseRoute]:
 
 
 def _admin_routes(
-    settings: Settings, migrator: Migrator | None, limiter: RateLimiter | None
+    settings: Settings,
+    migrator: Migrator | None,
+    limiter: RateLimiter | None,
+    identity: Identity | None,
 ) -> list[BaseRoute]:
     token = settings.http.admin_token
+    # The operators' networks and token, with or without identity: an operator is
+    # not a tenant's member, and the admin console of a later issue brings its role.
     access = AccessPolicy(
         settings.http.admin_allowed_networks, token.get_secret_value() if token else None
     )
     routes: list[BaseRoute] = list(AdminRoutes(access=access, migrator=migrator).routes())
     if limiter is not None and limiter.login is not None:
         routes.append(_unlock_route(access, limiter))
+    if identity is not None:
+        routes.extend(tenant_admin_routes(access))
     return routes
 
 
@@ -572,16 +700,25 @@ _LIMITED = problem_responses(ErrorCode.RATE_LIMITED)
 _GUARDED = problem_responses(ErrorCode.UNAUTHENTICATED, ErrorCode.FORBIDDEN)
 
 
-def _document_errors(app: Starlette, *, timeouts: bool, limiter: RateLimiter | None = None) -> None:
-    """Make FastAPI's OpenAPI document describe errors as bastion renders them.
+def _document_errors(
+    app: Starlette,
+    *,
+    timeouts: bool,
+    limiter: RateLimiter | None = None,
+    identity: Identity | None = None,
+) -> None:
+    """Make FastAPI's OpenAPI document describe errors (and credentials) as bastion does.
 
     With ``timeouts`` (a default request deadline), every operation also lists
     504 ``REQUEST_TIMEOUT``; with a ``limiter``, every operation a policy limits
     lists 429 ``RATE_LIMITED``; an operation guarded by a permission check
     (``bastion.identity.require``/``requires``) lists 401 ``UNAUTHENTICATED`` and
-    403 ``FORBIDDEN``. ``502 DEPENDENCY_FAILURE`` is left to the
-    endpoints that call a dependency through a pipeline: they declare it with
-    ``problem_responses``.
+    403 ``FORBIDDEN``, one that only needs a caller (``Authenticated``,
+    ``TenantId``) lists 401. With ``identity``, the document declares the two
+    security schemes (a bearer JWT, the API-key header) and every operation that
+    needs a caller names them in ``security``. ``502 DEPENDENCY_FAILURE`` is
+    left to the endpoints that call a dependency through a pipeline: they
+    declare it with ``problem_responses``.
     """
     # Typed as Any: ``openapi`` and ``openapi_schema`` exist on FastAPI apps only,
     # which the check below establishes at run time.
@@ -603,14 +740,26 @@ def _document_errors(app: Starlette, *, timeouts: bool, limiter: RateLimiter | N
         limited = limiter.operations(app.router.routes) if limiter is not None else {}
         default = limiter.default if limiter is not None else None
         guarded = protected_operations(app.router.routes)
+        callers = authenticated_operations(app.router.routes, dependencies=[current_tenant_id])
+        security: list[dict[str, list[str]]] = []
+        if identity is not None:
+            schemes = schema["components"].setdefault("securitySchemes", {})
+            for name, scheme in _security_schemes(identity).items():
+                # An app's own scheme of the same name is the app's to describe.
+                schemes.setdefault(name, scheme)
+                security.append({name: []})
         for template, path in schema.get("paths", {}).items():
             for method, operation in path.items():
                 responses = operation.setdefault("responses", {})
-                if limited.get((method.upper(), template), default) is not None:
+                operation_id = (method.upper(), template)
+                if limited.get(operation_id, default) is not None:
                     responses.setdefault("429", _LIMITED[429])
-                if (method.upper(), template) in guarded:
-                    responses.setdefault("401", _GUARDED[401])
+                if operation_id in guarded:
                     responses.setdefault("403", _GUARDED[403])
+                if operation_id in callers:
+                    responses.setdefault("401", _GUARDED[401])
+                    if security:
+                        operation.setdefault("security", security)
                 if "422" in responses:
                     responses["422"] = _merge(responses["422"], _VALIDATION[422])
                 responses.setdefault("500", _ALWAYS[500])
@@ -621,6 +770,25 @@ def _document_errors(app: Starlette, *, timeouts: bool, limiter: RateLimiter | N
         return schema
 
     fastapi_app.openapi = openapi  # FastAPI's documented way to customise the document
+
+
+def _security_schemes(identity: Identity) -> dict[str, dict[str, str]]:
+    """OpenAPI security schemes of the credentials the identity middleware accepts."""
+    auth = identity.settings.identity.route_prefix.rstrip("/") + "/auth"
+    return {
+        "accessToken": {
+            "type": "http",
+            "scheme": "bearer",
+            "bearerFormat": "JWT",
+            "description": f"An access token from POST {auth}/login or {auth}/refresh.",
+        },
+        "apiKey": {
+            "type": "apiKey",
+            "in": "header",
+            "name": identity.settings.identity.api_keys.header,
+            "description": "A tenant's API key (also accepted as a bearer token).",
+        },
+    }
 
 
 def _merge(existing: dict[str, Any], validation: dict[str, Any]) -> dict[str, Any]:

@@ -62,6 +62,7 @@ __all__ = [
     "RateLimitSettings",
     "RedisSettings",
     "ResilienceSettings",
+    "RoleSettings",
     "SecretsSettings",
     "SectionSettings",
     "ServerSettings",
@@ -559,6 +560,132 @@ class AuthorizationSettings(_Section):
     """With ``verify_every_request`` off, seconds a local value is trusted unchecked."""
 
 
+class ApiKeySettings(_Section):
+    """API keys: their server secret, form and caching."""
+
+    secret: SecretStr | None = None
+    """Server secret keying the stored hash of every key (at least 256 bits); a
+    generated one with a warning in development, a start-up failure in production."""
+    previous_secrets: list[SecretStr] = Field(default_factory=list)
+    """Older secrets whose key hashes still verify, while keys are re-issued."""
+    prefix: str = "bk_live"
+    """Prefix of new keys (lowercase letters and digits, parts joined by ``_``)."""
+    header: str = "X-API-Key"
+    """Header that carries a key; ``Authorization: Bearer <key>`` works too."""
+    cache_ttl: Seconds = 30.0
+    """Seconds a verified key's record is reused without reading the database; a
+    revocation reaches every instance at once through the deny list when Redis is
+    configured, else within this time."""
+    touch_interval: Seconds = 60.0
+    """Least seconds between two writes of a key's ``last_used_at``."""
+    max_per_tenant: int = Field(default=100, ge=1)
+    """Live keys a tenant may hold."""
+
+
+class OneTimeTokenSettings(_Section):
+    """Lives of the single-use tokens sent by e-mail."""
+
+    verify_email_ttl: Seconds = 86_400.0
+    """Life of an e-mail verification link."""
+    password_reset_ttl: Seconds = 1_800.0
+    """Life of a password reset link."""
+    invitation_ttl: Seconds = 604_800.0
+    """Life of an invitation to a tenant."""
+
+
+class MailSettings(_Section):
+    """Where the e-mails of identity (verification, reset, invitation) go."""
+
+    sender: Literal["logging", "smtp"] = "logging"
+    """``logging`` writes each message's purpose and recipient domain to the log and
+    keeps the last ones in memory (development, tests); ``smtp`` delivers them."""
+    from_address: str = "no-reply@localhost"
+    """The ``From`` and envelope sender address."""
+    from_name: str | None = None
+    """Display name of the sender."""
+    link_base: str = "http://127.0.0.1:8000"
+    """Base URL of the links in the messages (the front end that handles them)."""
+    smtp_host: str = "127.0.0.1"
+    """SMTP server."""
+    smtp_port: int | None = Field(default=None, ge=1, le=65535)
+    """SMTP port; ``None``: 587 for ``starttls``, 465 for ``tls``, 25 for ``none``."""
+    smtp_security: Literal["starttls", "tls", "none"] = "starttls"
+    """Transport security; ``none`` is refused with a login unless the host is the loopback."""
+    smtp_username: str | None = None
+    """Login user, if the server needs one."""
+    smtp_password: SecretStr | None = None
+    """Login password."""
+    smtp_timeout: Seconds = 10.0
+    """Seconds for the connect and for each SMTP command."""
+
+
+class DenyListSettings(_Section):
+    """Revocation of access tokens before they expire (Redis only)."""
+
+    enabled: bool = True
+    """Check revoked token ids and "log out everywhere" marks on every authenticated
+    request when the identity store is Redis (one round trip, shared with nothing
+    else). Without Redis, a revoked access token lives until it expires
+    (``tokens.access_ttl``)."""
+    timeout: Seconds = 0.05
+    """Seconds the check may take; past it the failure policy applies."""
+    fail_open: bool = True
+    """Accept tokens while Redis is unreachable (the token's short life bounds the
+    risk); ``False`` answers 503."""
+
+
+class OidcProviderSettings(_Section):
+    """An external OpenID Connect issuer whose access tokens are accepted."""
+
+    issuer: str
+    """The issuer URL (``https``, or ``http`` on the loopback)."""
+    audience: str
+    """The ``aud`` its tokens must carry."""
+    jwks_uri: str | None = None
+    """Fetch keys from here and skip discovery."""
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256", "EdDSA"])
+    """Accepted signature algorithms."""
+    subject_claim: str = "sub"
+    """Claim naming the principal."""
+    tenant_claim: str | None = None
+    """Claim naming the tenant (its id or slug); ``None``: ``default_tenant``."""
+    default_tenant: str | None = None
+    """Tenant of tokens without a tenant claim."""
+    roles_claim: str | None = "roles"
+    """Claim listing role names (dotted for nested claims, such as ``realm_access.roles``)."""
+    role_map: dict[str, str] = Field(default_factory=dict)
+    """Issuer role name to this service's role name; unmapped roles are dropped
+    when the map is not empty."""
+
+
+class RoleSettings(_Section):
+    """One role: its own permissions and the roles it inherits from."""
+
+    permissions: list[str] = Field(default_factory=list)
+    """Permissions such as ``documents:read``; ``documents:*`` grants every
+    ``documents:`` permission."""
+    inherits: list[str] = Field(default_factory=list)
+    """Roles whose permissions this one has too."""
+
+
+IDENTITY_PERMISSIONS: dict[str, RoleSettings] = {
+    "viewer": RoleSettings(permissions=["tenant:read", "members:read"]),
+    "member": RoleSettings(inherits=["viewer"]),
+    "admin": RoleSettings(
+        permissions=[
+            "tenant:update",
+            "members:invite",
+            "members:manage",
+            "api_keys:manage",
+            "usage:read",
+        ],
+        inherits=["member"],
+    ),
+    "owner": RoleSettings(permissions=["members:owners", "tenant:delete"], inherits=["admin"]),
+}
+"""Default roles and the permissions bastion's own routes check."""
+
+
 class IdentitySettings(SharedStateSection):
     """Accounts, passwords, tokens, API keys, roles and the permission cache.
 
@@ -566,9 +693,43 @@ class IdentitySettings(SharedStateSection):
     lives in ``store_url`` (``redis.url`` when set, else memory).
     """
 
+    routes: bool = True
+    """Mount ``/v1/auth/*``, ``/v1/api-keys``, ``/v1/tenants`` and the JWKS."""
+    route_prefix: str = "/v1"
+    """Prefix of the identity routes."""
+    signup: Literal["open", "invite_only", "closed"] = "open"
+    """``open``: anyone may sign up; ``invite_only``: only with an invitation token;
+    ``closed``: accounts come from ``bastion users create`` only."""
+    roles: dict[str, RoleSettings] = Field(default_factory=lambda: dict(IDENTITY_PERMISSIONS))
+    """Roles of a tenant membership, by name. Applications add their own
+    permissions; bastion's routes check the ``tenant:``, ``members:``,
+    ``api_keys:`` and ``usage:`` ones."""
+    owner_role: str = "owner"
+    """Role of a tenant's creator; a tenant always keeps one member with it."""
+    invite_role: str = "member"
+    """Role of an invitation that names none."""
     passwords: PasswordSettings = PasswordSettings()
     tokens: TokenSettings = TokenSettings()
     authorization: AuthorizationSettings = AuthorizationSettings()
+    api_keys: ApiKeySettings = ApiKeySettings()
+    one_time: OneTimeTokenSettings = OneTimeTokenSettings()
+    mail: MailSettings = MailSettings()
+    deny_list: DenyListSettings = DenyListSettings()
+    oidc: dict[str, OidcProviderSettings] = Field(default_factory=dict)
+    """External issuers whose access tokens are accepted, by name."""
+    refresh_cookie: str = "bastion_refresh"
+    """Name of the refresh-token cookie of clients that ask for cookie delivery."""
+
+    @model_validator(mode="after")
+    def _roles_known(self) -> IdentitySettings:
+        for name, role in self.roles.items():
+            for parent in role.inherits:
+                if parent not in self.roles:
+                    raise ValueError(f"roles: {name!r} inherits {parent!r}, which is not defined")
+        for field_name in ("owner_role", "invite_role"):
+            if getattr(self, field_name) not in self.roles:
+                raise ValueError(f"{field_name}: {getattr(self, field_name)!r} is not in roles")
+        return self
 
 
 class SecretsSettings(_Section):
@@ -592,8 +753,33 @@ class SecretsSettings(_Section):
     worker and restart use the same value. Never used in production."""
 
 
+class TenantQuotaSettings(_Section):
+    """Default allowances of every tenant; a tenant's own overrides win."""
+
+    requests_per_day: int | None = Field(default=None, ge=0)
+    """Requests a tenant's callers may make per UTC day; ``None``: unlimited."""
+    api_calls_per_month: int | None = Field(default=None, ge=0)
+    """Requests made with the tenant's API keys per UTC month; ``None``: unlimited."""
+    members: int | None = Field(default=None, ge=1)
+    """Members (and pending invitations) a tenant may have; ``None``: unlimited."""
+
+
 class TenancySettings(SectionSettings):
-    """Tenant resolution and quotas (a later issue fills this section in)."""
+    """How a request's tenant is resolved, and each tenant's quotas and overrides."""
+
+    trusted_header: str | None = None
+    """Header naming the tenant (its id) for trusted internal callers, such as
+    ``X-Tenant-Id``; honoured only from ``trusted_networks``. ``None``: off."""
+    trusted_networks: Annotated[list[str], AfterValidator(_networks)] = Field(default_factory=list)
+    """CIDRs whose requests may name their tenant with ``trusted_header``."""
+    trusted_roles: list[str] = Field(default_factory=lambda: ["member"])
+    """Roles a trusted internal caller holds in the tenant it names."""
+    quotas: TenantQuotaSettings = TenantQuotaSettings()
+    """Default quotas; a tenant's overrides (``PATCH /admin/tenants/{id}/settings``,
+    kept in its ``settings`` column) replace them per tenant."""
+    overrides_ttl: Seconds = 30.0
+    """Seconds a tenant's overrides are reused before being read again; a change made
+    through the API is seen at once by the instance that made it."""
 
 
 class AuditSettings(SectionSettings):

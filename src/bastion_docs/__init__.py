@@ -5,26 +5,28 @@ Written only against bastion's public API. The app factory is
 is ``bastion_docs:migrations``, applied by bastion at start-up or by
 ``bastion migrate upgrade``.
 
-The API, under ``/v1``::
+The service's API, under ``/v1``::
 
-    POST   /tenants               create a tenant and its owner (open: bootstrap)
-    GET    /tenants/current       the caller's tenant
-    GET    /users/me              the caller
-    POST   /users                 owners and admins add users to their tenant
     POST   /documents             create (201, Location)
     GET    /documents             list, newest first: ?page=1&page_size=20 (1-100)
     GET    /documents/{id}        read
     PATCH  /documents/{id}        change title, body or tags; version += 1
     DELETE /documents/{id}        delete (204)
+    POST   /assistant/ask         a question about the tenant's documents
+
+Accounts (``/v1/auth/*``), tenants and their members (``/v1/tenants``) and API
+keys (``/v1/api-keys``) are bastion's identity routes, mounted by
+``bastion.install`` beside these.
 
 Choices the code relies on:
 
-- A user belongs to one tenant; emails are unique per tenant, so tenants cannot
-  learn of each other's accounts through a conflict.
+- Users are bastion's: global accounts (one per e-mail address) that belong to
+  tenants through memberships with a role. A request acts for the tenant its
+  access token or API key names, never one the request chooses.
 - Everything outside the caller's tenant is 404 ``NOT_FOUND``, as is a
   malformed id: existence never leaks across tenants.
-- Owners grant any role, admins any but ``owner``; viewers only read.
+- ``documents:read`` (viewer and up) reads and asks the assistant;
+  ``documents:write`` (member and up) writes. An API key holds what its scopes
+  name; a document it creates records the key as its author.
 - Lists return summaries (no body) and links as paths, not absolute URLs.
-- Identity is a DEVELOPMENT STAND-IN (``X-Debug-User``, see
-  :mod:`bastion_docs.identity`) until bastion's identity component lands.
 """

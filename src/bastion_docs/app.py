@@ -7,8 +7,10 @@ Example:
     ...     llm={"url": "http://127.0.0.1:11434", "api": "ollama"},
     ... )
 
-Identity is a DEVELOPMENT STAND-IN (the ``X-Debug-User`` header, see
-:mod:`bastion_docs.identity`) until bastion's identity component lands.
+Callers authenticate with bastion's identity component: an access token from
+``POST /v1/auth/login`` (``Authorization: Bearer ...``) or an API key of their
+tenant. The service adds its document permissions to bastion's roles
+(:data:`DOCUMENT_PERMISSIONS`) unless ``identity.roles`` is configured.
 """
 
 from __future__ import annotations
@@ -16,20 +18,19 @@ from __future__ import annotations
 from typing import Any, Final
 
 import httpx
-import structlog
 from fastapi import FastAPI
 from pydantic import BaseModel, ValidationError
 
 import bastion
 from bastion.errors import ConfigurationError
 from bastion.resilience import default_policy, http_client
-from bastion.settings import load_settings
+from bastion.settings import RoleSettings, Settings, load_settings
 from bastion_docs.assistant import DEPENDENCY, Assistant, LLMSettings
 from bastion_docs.conformance import conformance_router
-from bastion_docs.identity import DEBUG_USER_HEADER
 from bastion_docs.routes import v1
+from bastion_docs.routes.documents import READ, WRITE
 
-__all__ = ["DEFAULT_RATE_LIMIT", "MIGRATIONS", "create_app"]
+__all__ = ["DEFAULT_RATE_LIMIT", "DOCUMENT_PERMISSIONS", "MIGRATIONS", "create_app"]
 
 MIGRATIONS: Final = "bastion_docs:migrations"
 """Where the service's Alembic tree lives, as ``package:directory``."""
@@ -39,16 +40,30 @@ DEFAULT_RATE_LIMIT: Final = "20/second;1000/hour"
 ``bastion.toml`` or ``create_app(ratelimit=...)``): per client, a burst of 20 and 20
 a second, and 1000 an hour, on every route. An empty value switches it off."""
 
-DESCRIPTION: Final = f"""\
+DOCUMENT_PERMISSIONS: Final[dict[str, tuple[str, ...]]] = {"viewer": (READ,), "member": (WRITE,)}
+"""What the service adds to bastion's roles unless ``identity.roles`` is configured:
+viewers read documents and ask the assistant, members also write them; admins and
+owners inherit both from member. Configuring ``identity.roles`` (environment,
+``bastion.toml`` or ``create_app(identity=...)``) replaces the whole set, so such a
+configuration grants ``documents:read`` and ``documents:write`` itself."""
+
+DESCRIPTION: Final = """\
 A multi-tenant document workspace: the reference service of Bastion.
 
 Every error is `application/problem+json` (RFC 9457) with a stable `code`;
 each operation lists the codes it can return under `x-error-codes`.
 
-**Identity is a development stand-in.** The `{DEBUG_USER_HEADER}` header names
-the calling user by id; anyone who knows an id can act as that user. Do not
-expose this service to untrusted networks until the identity component
-replaces it.
+**Authentication.** Send `Authorization: Bearer <access token>`: sign up with
+`POST /v1/auth/signup`, verify the e-mail address, then `POST /v1/auth/login`
+(access tokens are short-lived, 15 minutes by default; `POST /v1/auth/refresh`
+gives new ones). Automations use an API key of their tenant (`POST /v1/api-keys`)
+with the scopes they need. Every request acts for the tenant its credential
+names; another tenant's resources answer 404, as if they did not exist.
+
+**Permissions.** `documents:read` (viewers and up) reads, lists and asks the
+assistant; `documents:write` (members and up) creates, changes and deletes.
+Tenants, members and API keys are managed by owners and admins under
+`/v1/tenants` and `/v1/api-keys`.
 """
 
 
@@ -69,7 +84,9 @@ def create_app(*, llm: dict[str, Any] | LLMSettings | None = None, **overrides: 
 
     The service's migration tree is added to the ``migrations`` section, so
     start-up (in ``auto`` mode) or ``bastion migrate upgrade`` brings its
-    tables to the latest revision along with bastion's own.
+    tables to the latest revision along with bastion's own. Unless a source
+    sets them, the service adds its default rate limit and its document
+    permissions to bastion's roles (:data:`DOCUMENT_PERMISSIONS`).
 
     Args:
         llm: the assistant's LLM provider, over the ``BASTION_DOCS_LLM_*``
@@ -83,7 +100,8 @@ def create_app(*, llm: dict[str, Any] | LLMSettings | None = None, **overrides: 
         at ``app.state.assistant``.
 
     Raises:
-        ConfigurationError: a setting is invalid, or ``database.enabled`` is off.
+        ConfigurationError: a setting is invalid, or ``database.enabled`` or
+            ``identity.enabled`` is off.
     """
     llm_settings = _llm_settings(llm)
     app = FastAPI(
@@ -94,9 +112,11 @@ def create_app(*, llm: dict[str, Any] | LLMSettings | None = None, **overrides: 
         docs_url="/api/docs",
         redoc_url=None,
     )
-    runtime = bastion.install(app, **_with_rate_limit_default(_with_service_tree(overrides)))
+    runtime = bastion.install(app, **_with_service_defaults(_with_service_tree(overrides)))
     if runtime.database is None:
         raise ConfigurationError("Bastion Docs stores its data in the database: enable database")
+    if runtime.identity is None:
+        raise ConfigurationError("Bastion Docs authenticates its callers: enable identity")
     app.include_router(v1)
     _install_assistant(app, runtime, llm_settings)
     if runtime.settings.tracing.conformance_endpoint:
@@ -104,24 +124,12 @@ def create_app(*, llm: dict[str, Any] | LLMSettings | None = None, **overrides: 
             raise ConfigurationError("tracing.conformance_endpoint needs tracing.enabled")
         app.include_router(conformance_router(runtime.tracing.tracer))
 
-    if runtime.settings.environment == "production":
-
-        async def warn_stand_in() -> None:
-            # Looked up when start-up runs, not at import, so the line goes through the
-            # logging configuration in force then (structlog caches bound loggers).
-            structlog.get_logger("bastion_docs").warning(
-                "identity is a development stand-in: any caller can act as any user "
-                f"by sending {DEBUG_USER_HEADER}; do not expose this service",
-                header=DEBUG_USER_HEADER,
-            )
-
-        runtime.lifecycle.on_startup("identity stand-in warning", warn_stand_in)
     return app
 
 
-def _with_rate_limit_default(overrides: dict[str, Any]) -> dict[str, Any]:
-    # The service ships a default limit, yet any source may set another or none: the
-    # settings are loaded first, and the default goes in only where no source set one.
+def _with_service_defaults(overrides: dict[str, Any]) -> dict[str, Any]:
+    # The service ships a default limit and its roles, yet any source may set others:
+    # the settings are loaded first, and a default goes in only where no source set one.
     settings = overrides.get("settings")
     if isinstance(settings, bastion.Settings):
         rest = {key: value for key, value in overrides.items() if key != "settings"}
@@ -130,8 +138,19 @@ def _with_rate_limit_default(overrides: dict[str, Any]) -> dict[str, Any]:
     if "default" not in settings.ratelimit.model_fields_set:
         ratelimit = settings.ratelimit.model_copy(update={"default": DEFAULT_RATE_LIMIT})
         settings = settings.model_copy(update={"ratelimit": ratelimit})
+    if "roles" not in settings.identity.model_fields_set:
+        settings = _with_document_permissions(settings)
     # Anything besides settings= is passed on, for install() to refuse the mix as usual.
     return {**rest, "settings": settings}
+
+
+def _with_document_permissions(settings: Settings) -> Settings:
+    roles: dict[str, RoleSettings] = {}
+    for name, role in settings.identity.roles.items():
+        added = [p for p in DOCUMENT_PERMISSIONS.get(name, ()) if p not in role.permissions]
+        roles[name] = role.model_copy(update={"permissions": [*role.permissions, *added]})
+    identity = settings.identity.model_copy(update={"roles": roles})
+    return settings.model_copy(update={"identity": identity})
 
 
 def _llm_settings(llm: dict[str, Any] | LLMSettings | None) -> LLMSettings:

@@ -40,6 +40,7 @@ from bastion.resilience import (
     DependencyTimeoutError,
     remaining_time,
 )
+from bastion.tenancy import scoped
 from bastion_docs.models import Document
 from bastion_docs.schemas import (
     AssistantAnswer,
@@ -228,9 +229,10 @@ async def search(
             + case((in_tags, 2), else_=0)
             + case((in_body, 1), else_=0)
         )
+    columns = select(Document.id, Document.title, func.substr(Document.body, 1, EXCERPT_CHARS))
     rows = await session.execute(
-        select(Document.id, Document.title, func.substr(Document.body, 1, EXCERPT_CHARS))
-        .where(Document.tenant_id == tenant_id, or_(*tests))
+        scoped(columns, Document, tenant_id)
+        .where(or_(*tests))
         .order_by(score.desc(), Document.updated_at.desc(), Document.id.desc())
         .limit(limit)
     )

@@ -27,9 +27,9 @@ async def database(request: Request) -> Database:
 async def db_session(db: Annotated[Database, Depends(database)]) -> AsyncIterator[AsyncSession]:
     """Yield the request's one session; closing it rolls back whatever was not committed.
 
-    The caller's identity and the route's own work share this session, so a
-    request costs one connection checkout and one transaction, and a role is
-    checked in the transaction that acts on it. Routes that write call
+    A request costs one connection checkout and one transaction (the caller's
+    permissions come from bastion's permission cache, not from this session).
+    Routes that write call
     ``commit()`` themselves before answering: the answer must not claim a
     change that a failed commit would then undo.
     """

@@ -25,7 +25,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from bastion_docs.models import DOCUMENT_TITLE_MAX, EMAIL_MAX, NAME_MAX, SLUG_MAX
+from bastion_docs.models import DOCUMENT_TITLE_MAX
 
 __all__ = [
     "BODY_MAX_BYTES",
@@ -44,11 +44,6 @@ __all__ = [
     "DocumentSummary",
     "PageLinks",
     "ProviderApi",
-    "TenantCreate",
-    "TenantCreated",
-    "TenantOut",
-    "UserCreate",
-    "UserOut",
 ]
 
 BODY_MAX_BYTES: Final = 1024 * 1024
@@ -63,7 +58,6 @@ QUESTION_MAX: Final = 2000
 # a one-line field holds none.
 _CONTROL_IN_LINE: Final = re.compile(r"[\x00-\x1f\x7f]")
 _CONTROL_IN_TEXT: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_EMAIL: Final = re.compile(r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+\.[^@\s\x00-\x1f\x7f]+$")
 
 
 def _single_line(value: str) -> str:
@@ -94,14 +88,6 @@ def _question(value: str) -> str:
     return value
 
 
-def _email(value: str) -> str:
-    if not _EMAIL.fullmatch(value):
-        raise PydanticCustomError("invalid_email", "Value is not an email address.")
-    # Addresses are compared case-insensitively; lower-casing the local part too is
-    # what every large provider does in practice.
-    return value.lower()
-
-
 def _unique_tags(value: list[str]) -> list[str]:
     # Tags are a set of case-insensitive labels; order of first appearance is kept.
     return list(dict.fromkeys(tag.lower() for tag in value))
@@ -120,28 +106,11 @@ Body = Annotated[
 ]
 Tag = Annotated[str, StringConstraints(min_length=1, max_length=TAG_MAX, pattern=TAG_PATTERN)]
 Tags = Annotated[list[Tag], Field(max_length=TAGS_MAX), AfterValidator(_unique_tags)]
-Name = Annotated[
-    str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=NAME_MAX),
-    AfterValidator(_single_line),
-]
-Slug = Annotated[
-    str,
-    StringConstraints(
-        min_length=1, max_length=SLUG_MAX, pattern=r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?$"
-    ),
-]
-Email = Annotated[
-    str,
-    StringConstraints(strip_whitespace=True, min_length=3, max_length=EMAIL_MAX),
-    AfterValidator(_email),
-]
 Question = Annotated[
     str,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=QUESTION_MAX),
     AfterValidator(_question),
 ]
-RoleName = Literal["owner", "admin", "member", "viewer"]
 ProviderApi = Literal["openai", "ollama"]
 """The API an LLM provider speaks: OpenAI's chat completions (and compatibles) or Ollama's."""
 DegradedReason = Literal["circuit_open", "timeout", "provider_error", "busy", "not_configured"]
@@ -154,27 +123,6 @@ class _Request(BaseModel):
 
 class _Response(BaseModel):
     model_config = ConfigDict(from_attributes=True)
-
-
-class TenantCreate(_Request):
-    """Create a tenant and its first user, its owner."""
-
-    name: Name
-    slug: Slug = Field(description="Lower-case letters, digits and inner hyphens; unique.")
-    owner_email: Email
-    owner_display_name: Name | None = Field(
-        default=None, description="Defaults to the part of the email before the @."
-    )
-
-
-class UserCreate(_Request):
-    """Add a user to the caller's tenant."""
-
-    email: Email
-    display_name: Name | None = Field(
-        default=None, description="Defaults to the part of the email before the @."
-    )
-    role: RoleName = "member"
 
 
 class DocumentCreate(_Request):
@@ -206,40 +154,19 @@ class DocumentPatch(_Request):
         return {name: getattr(self, name) for name in self.model_fields_set}
 
 
-class TenantOut(_Response):
-    """A tenant."""
-
-    id: uuid.UUID
-    name: str
-    slug: str
-    created_at: datetime
-
-
-class UserOut(_Response):
-    """A user of the caller's tenant."""
-
-    id: uuid.UUID
-    tenant_id: uuid.UUID
-    email: str
-    display_name: str
-    role: RoleName
-    created_at: datetime
-
-
-class TenantCreated(BaseModel):
-    """A new tenant and its owner; the owner's id is what ``X-Debug-User`` takes."""
-
-    tenant: TenantOut
-    owner: UserOut
-
-
 class DocumentSummary(_Response):
     """A document without its body, as lists show it."""
 
     id: uuid.UUID
     title: str
     tags: list[str]
-    created_by: uuid.UUID
+    created_by: uuid.UUID | None = Field(
+        description="The user who created it; ``null`` when an API key did (see "
+        "``created_by_api_key``) or the account was deleted."
+    )
+    created_by_api_key: uuid.UUID | None = Field(
+        description="The API key that created it, when one did."
+    )
     created_at: datetime
     updated_at: datetime
     version: int = Field(description="1 on creation, incremented by every accepted change.")

@@ -9,11 +9,14 @@ follow instance 1 back to closed once a probe there succeeds.
 
 from __future__ import annotations
 
+import os
 import secrets
+import subprocess
 import time
 
 import httpx
 import pytest
+from shutdown_support import REPO, bastion_command  # on the path: see conftest.py
 
 from bastion.testing import FakeLLMProvider
 
@@ -23,6 +26,7 @@ OPEN_DURATION = 3.0
 # The issue's promise is "within about a second" (published at once, re-read every 1 s);
 # the margin is for two server processes on a loaded 2-CPU machine.
 SHARED_WITHIN = 2.5
+PASSWORD = "cluster-circuit-lantern-4"
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 
@@ -66,14 +70,32 @@ def ask(url: str, owner: dict) -> dict:
     return response.json()
 
 
-def new_owner(url: str, slug: str) -> dict:
+def new_owner(url: str, env: dict, slug: str) -> dict:
+    """Bootstrap a tenant and its owner from the command line, log in; the owner's headers.
+
+    The token works on every instance: they share the database and the signing keys.
+    """
+    environment = {**os.environ, **env}
+    email = f"owner@{slug}.example"
+    for command, stdin in (
+        (["tenants", "create", "Cluster", "--slug", slug], None),
+        (["users", "create", "--email", email, "--tenant", slug, "--password-stdin"], PASSWORD),
+    ):
+        subprocess.run(
+            [*bastion_command(), *command],
+            input=None if stdin is None else stdin + "\n",
+            cwd=REPO,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
     response = httpx.post(
-        url + "/v1/tenants",
-        json={"name": "Cluster", "slug": slug, "owner_email": f"owner@{slug}.example"},
-        timeout=10,
+        url + "/v1/auth/login", json={"email": email, "password": PASSWORD}, timeout=10
     )
-    assert 201 == response.status_code, response.text
-    return {"X-Debug-User": response.json()["owner"]["id"]}
+    assert 200 == response.status_code, response.text
+    return {"Authorization": f"Bearer {response.json()['access_token']}"}
 
 
 class TestSharedCircuits:
@@ -85,7 +107,7 @@ class TestSharedCircuits:
             env = llm_env(provider, postgres_url, redis_url, redis_prefix)
             first = serve_cluster(APP, env=env)
             second = serve_cluster(APP, env=env)
-            owner = new_owner(first.url, f"cluster-{secrets.token_hex(6)}")
+            owner = new_owner(first.url, env, f"cluster-{secrets.token_hex(6)}")
             assert ["closed", "closed"] == [llm_circuit(s.url)["state"] for s in (first, second)]
 
             provider.behave("fail", status=500)

@@ -14,6 +14,11 @@ from bastion.settings import DatabaseSettings
 
 T = TypeVar("T")
 
+BASTION_REVISIONS = ("0001_baseline", "0002_identity")
+"""Bastion's own tree, oldest first."""
+BASTION_APPLIED = [("bastion", revision) for revision in BASTION_REVISIONS]
+"""``(tree, revision)`` of bastion's tree as an upgrade applies it."""
+
 ENV_PY = "from bastion.data import run_alembic_env\n\nrun_alembic_env(None)\n"
 
 Revision = tuple[str, str | None, str, str, str]

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 from migration_support import (
+    BASTION_APPLIED,
+    BASTION_REVISIONS,
     GADGETS,
     WIDGETS,
     Revision,
@@ -103,7 +105,7 @@ class TestUpgrade:
             (step["tree"], step["revision"]) for step in json.loads(result.stdout)["applied"]
         ]
         assert 0 == result.exit_code, result.output
-        assert [("bastion", "0001_baseline"), ("app", "a1"), ("app", "a2")] == applied
+        assert [*BASTION_APPLIED, ("app", "a1"), ("app", "a2")] == applied
         assert ["a2"] == with_database(db_url, lambda db: version_rows(db, "app_version"))
 
     def test_table_output(self, cli):
@@ -248,7 +250,7 @@ class TestHistory:
 
         revisions = [(row["tree"], row["id"]) for row in json.loads(result.stdout)["revisions"]]
         assert 0 == result.exit_code, result.output
-        assert [("bastion", "0001_baseline"), ("app", "a1"), ("app", "a2")] == revisions
+        assert [*BASTION_APPLIED, ("app", "a1"), ("app", "a2")] == revisions
 
     def test_json_says_when_by_whom_and_whether_the_file_matches(self, cli, tree_dir):
         """Each revision carries its checksum state and the run that applied it, if any."""
@@ -325,7 +327,7 @@ class TestVerify:
         payload = json.loads(result.stdout)
         states = {row["revision"]: row["state"] for row in payload["revisions"]}
         assert (1, False) == (result.exit_code, payload["ok"])
-        assert {"0001_baseline": "ok", "a1": "ok", "a2": "modified"} == states
+        assert {**dict.fromkeys(BASTION_REVISIONS, "ok"), "a1": "ok", "a2": "modified"} == states
 
     def test_accept_clears_the_modification_and_records_it(self, cli, tree_dir, db_url):
         """--accept REV records an accept row; verify then exits 0 and upgrade runs again."""
@@ -363,7 +365,9 @@ class TestVerify:
         result = cli("verify")
 
         assert 0 == result.exit_code, result.output
-        assert "3 revision(s) applied with no history row" in result.stdout
+        assert (
+            f"{len(BASTION_REVISIONS) + 2} revision(s) applied with no history row" in result.stdout
+        )
 
     def test_accept_of_a_revision_in_no_tree_exits_2(self, cli):
         """An --accept naming no known revision is a one-line error, exit status 2."""

@@ -12,6 +12,8 @@ import pytest
 from alembic import command
 from alembic.config import Config
 from migration_support import (
+    BASTION_APPLIED,
+    BASTION_REVISIONS,
     GADGETS,
     WIDGETS,
     Revision,
@@ -80,10 +82,10 @@ class TestHistoryRows:
         await migrator.upgrade()
 
         rows = await history_rows(database)
-        assert [("bastion", "0001_baseline"), ("app", "a1"), ("app", "a2")] == [
+        assert [*BASTION_APPLIED, ("app", "a1"), ("app", "a2")] == [
             (row["tree"], row["revision"]) for row in rows
         ]
-        a1 = rows[1]
+        a1 = rows[len(BASTION_APPLIED)]
         assert ("upgrade", "test suite", "app_version") == (
             a1["direction"],
             a1["tool"],
@@ -108,7 +110,7 @@ class TestHistoryRows:
             records[0].revision,
             records[0].direction,
         )
-        assert ["a2", "a1", "0001_baseline"] == [
+        assert ["a2", "a1", *reversed(BASTION_REVISIONS)] == [
             record.revision for record in await migrator.applied_history()
         ]
 
@@ -191,9 +193,8 @@ class TestVerify:
         report = await migrator.verify()
 
         assert isinstance(report, VerificationReport)
-        assert [("bastion", "0001_baseline", "ok"), ("app", "a1", "ok"), ("app", "a2", "ok")] == [
-            (check.tree, check.revision, check.state) for check in report.checks
-        ]
+        expected = [(*step, "ok") for step in (*BASTION_APPLIED, ("app", "a1"), ("app", "a2"))]
+        assert expected == [(check.tree, check.revision, check.state) for check in report.checks]
         assert report.ok
 
     async def test_edited_revision_is_modified(self, migrator, tree_dir):
@@ -226,7 +227,7 @@ class TestVerify:
 
         report = await migrator.verify()
 
-        assert (True, ["0001_baseline", "a1"]) == (
+        assert (True, [*BASTION_REVISIONS, "a1"]) == (
             report.ok,
             [check.revision for check in report.checks],
         )
@@ -302,7 +303,7 @@ class TestAccept:
         await migrator.upgrade()
         await execute(database, "DELETE FROM bastion_migration_history")
 
-        await migrator.accept("bastion", ["0001_baseline"])
+        await migrator.accept("bastion", list(BASTION_REVISIONS))
 
         assert [] == [check.name for check in (await migrator.verify(tree="bastion")).unrecorded]
 

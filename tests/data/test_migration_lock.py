@@ -11,7 +11,14 @@ from pathlib import Path
 import asyncpg
 import pytest
 from filelock import FileLock
-from migration_support import WIDGETS, Revision, history_rows, version_rows
+from migration_support import (
+    BASTION_APPLIED,
+    BASTION_REVISIONS,
+    WIDGETS,
+    Revision,
+    history_rows,
+    version_rows,
+)
 from sqlalchemy.engine import make_url
 from structlog.testing import capture_logs
 
@@ -156,7 +163,7 @@ class TestAdvisoryLock:
 
         waiting = next(e for e in logs if e["event"] == "waiting for the migration lock")
         assert "'other-instance'" in waiting["holder"]
-        assert ["0001_baseline", "a1"] == [step.revision for step in applied]
+        assert [*BASTION_REVISIONS, "a1"] == [step.revision for step in applied]
 
     async def test_released_after_a_run_and_after_a_failure(self, pg_db_url, pg_database, tree_dir):
         """The lock is free again after a successful run and after a failing one."""
@@ -220,7 +227,7 @@ class TestFileLock:
         finally:
             await db.aclose()
 
-        assert ["0001_baseline", "a1"] == [step.revision for step in applied]
+        assert [*BASTION_REVISIONS, "a1"] == [step.revision for step in applied]
         assert [] == list(tmp_path.glob("*.lock"))
 
 
@@ -282,11 +289,8 @@ class TestConcurrentProcesses:
         finally:
             await db.aclose()
         applied = sorted((row["tree"], row["revision"], row["direction"]) for row in rows)
-        assert [
-            ("app", "a1", "upgrade"),
-            ("app", "a2", "upgrade"),
-            ("bastion", "0001_baseline", "upgrade"),
-        ] == applied
+        expected = [("app", "a1"), ("app", "a2"), *BASTION_APPLIED]
+        assert [(*step, "upgrade") for step in expected] == applied
         assert {"bastion migrate upgrade"} == {row["tool"] for row in rows}
         assert ["a2"] == recorded
         assert PROCESSES - 1 == sum(b"Nothing to apply" in out for out in outputs)

@@ -128,6 +128,7 @@ class TestVerification:
             kind="user",
             tenant_id="tenant-a",
             roles=frozenset({"admin", "member", "viewer"}),
+            issuer=issuer.url,
         )
         assert expected == principal
 

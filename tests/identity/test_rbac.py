@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -25,11 +26,13 @@ from bastion.identity._principal import (
 from bastion.identity._rbac import (
     Authorizer,
     Roles,
+    bind_prefetched_permissions,
     current_authorizer,
     grants,
     protected_operations,
     require,
     requires,
+    unbind_prefetched_permissions,
     use_authorizer,
 )
 
@@ -135,6 +138,40 @@ class TestAuthorizer:
 
         authorizer = Authorizer(ROLES, PermissionCache(load))
         assert frozenset() == await authorizer.permissions(Principal("u1"))
+
+    async def test_external_user_holds_its_mapped_roles(self):
+        """A user an OIDC issuer vouched for has no membership: its roles count, not the cache."""
+
+        async def load(user_id: str, tenant_id: str) -> set[str]:
+            raise AssertionError("not called")
+
+        authorizer = Authorizer(ROLES, PermissionCache(load))
+        user = Principal(
+            "corp:u1", tenant_id="t1", roles=frozenset({"viewer"}), issuer="https://idp.example"
+        )
+        assert user == await authorizer.check(user, "documents:read")
+        with pytest.raises(Forbidden):
+            await authorizer.check(user, "tenant:delete")
+
+    async def test_prefetched_permissions_of_the_same_principal_are_used(self):
+        """The middleware's prefetched lookup answers this principal's check; no second lookup."""
+
+        async def load(user_id: str, tenant_id: str) -> set[str]:
+            raise AssertionError("not called")
+
+        authorizer = Authorizer(ROLES, PermissionCache(load))
+        user = Principal("u1", tenant_id="t1")
+        other = Principal("u1", tenant_id="t1")
+        prefetched = asyncio.get_running_loop().create_future()
+        prefetched.set_result(frozenset({"documents:read"}))
+        token = bind_prefetched_permissions(user, prefetched)
+        try:
+            assert user == await authorizer.check(user, "documents:read")
+            # Another principal object (equal, not the same) does not take it.
+            with pytest.raises(AssertionError, match="not called"):
+                await authorizer.permissions(other)
+        finally:
+            unbind_prefetched_permissions(token)
 
     async def test_api_key_holds_its_scopes(self):
         """An API key's permissions are its scopes, whatever roles it names."""

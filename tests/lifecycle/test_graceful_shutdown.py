@@ -107,6 +107,7 @@ class TestSigterm:
         assert [
             "close test clients",
             "close test cache",
+            "close identity",
             "close rate limits",
             "stop resilience",
             "close database pool",

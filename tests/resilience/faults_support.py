@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
+from bastion.testing import create_member
 from bastion_docs.app import create_app
 
 T = TypeVar("T")
@@ -43,14 +44,11 @@ async def timed(awaitable: Awaitable[T]) -> tuple[T, float]:
     return result, time.monotonic() - started
 
 
-async def new_owner(client: httpx.AsyncClient) -> dict[str, str]:
-    """Create a tenant; return the headers that act as its owner."""
+async def new_owner(app) -> dict[str, str]:
+    """Create a tenant and its owner in the started app; return the headers that act as them."""
     slug = f"t-{secrets.token_hex(6)}"
-    response = await client.post(
-        "/v1/tenants", json={"name": "Faults", "slug": slug, "owner_email": f"o@{slug}.example"}
-    )
-    assert 201 == response.status_code, response.text
-    return {"X-Debug-User": response.json()["owner"]["id"]}
+    owner = await create_member(app, tenant_slug=slug, email=f"owner@{slug}.example", role="owner")
+    return owner.headers
 
 
 async def circuit(client: httpx.AsyncClient, name: str) -> dict[str, Any]:

@@ -48,8 +48,8 @@ def proxy(postgres_url):
 
 
 @pytest.fixture
-async def client(postgres_url, proxy):
-    app = service(
+def app(postgres_url, proxy):
+    return service(
         proxy.url_for(postgres_url),
         database={
             "pool_size": 2,
@@ -59,13 +59,17 @@ async def client(postgres_url, proxy):
         },
         resilience={"request_deadline": DEADLINE, "dependencies": {"database": POLICY}},
     )
+
+
+@pytest.fixture
+async def client(app):
     async with lifespan_client(app) as c:
         yield c
 
 
 @pytest.fixture
-async def owner(client):
-    return await new_owner(client)
+async def owner(app, client):
+    return await new_owner(app)
 
 
 @pytest.fixture

@@ -48,19 +48,23 @@ def proxy(provider):
 
 
 @pytest.fixture
-async def client(sqlite_url, provider, proxy):
-    app = service(
+def app(sqlite_url, provider, proxy):
+    return service(
         sqlite_url,
         llm={"url": proxy.url_for(provider.url)},
         resilience={"dependencies": {"llm": POLICY}},
     )
+
+
+@pytest.fixture
+async def client(app):
     async with lifespan_client(app) as c:
         yield c
 
 
 @pytest.fixture
-async def owner(client):
-    headers = await new_owner(client)
+async def owner(app, client):
+    headers = await new_owner(app)
     response = await client.post(
         "/v1/documents",
         json={"title": "Budget review", "body": "The budget review is on Monday. Bring numbers."},

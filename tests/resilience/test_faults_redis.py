@@ -72,10 +72,15 @@ def served(sqlite_url, redis_url, redis_prefix, proxy, provider):
                 "dependencies": {"llm": LLM_POLICY},
             },
             llm={"url": provider.url},
+            # These scenarios pin the circuits' and the limiter's use of Redis. Identity's
+            # own (the access-token deny list, checked on every request within
+            # identity.deny_list.timeout, 50 ms, and the permission cache) is kept in memory:
+            # how it degrades is identity's concern, not what these scenarios measure.
+            identity={"store_url": "memory://"},
         )
         async with lifespan_client(app) as client:
             try:
-                yield client, await new_owner(client)
+                yield client, await new_owner(app)
             finally:
                 # The outage gauge and counter are process-wide: end the outage before
                 # the app stops, so the next test starts with Redis seen as up.

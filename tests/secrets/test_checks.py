@@ -24,6 +24,8 @@ from bastion.settings import Settings
 
 PEPPER = "BASTION_IDENTITY__PASSWORDS__PEPPER"
 KEYS = "BASTION_IDENTITY__TOKENS__SIGNING_KEYS"
+API_KEY_SECRET = "BASTION_IDENTITY__API_KEYS__SECRET"
+PREVIOUS_API_KEY_SECRETS = "BASTION_IDENTITY__API_KEYS__PREVIOUS_SECRETS"
 STRONG = secrets.token_urlsafe(48)
 
 
@@ -123,9 +125,16 @@ class TestChecks:
         assert {(KEYS, "invalid")} == problems(identity={"tokens": {"signing_keys": value}})
 
     def test_missing_required_secrets_fail_in_production_only(self):
-        """Pepper and signing keys are required in production; development copes without."""
-        assert {(PEPPER, "missing"), (KEYS, "missing")} == problems(environment="production")
+        """Pepper, signing keys and the API-key secret are required in production only."""
+        assert {(PEPPER, "missing"), (KEYS, "missing"), (API_KEY_SECRET, "missing")} == problems(
+            environment="production"
+        )
         assert set() == problems()
+
+    def test_previous_api_key_secrets_are_checked_one_by_one(self):
+        """Each older API-key secret kept for rotation is checked, named by its index."""
+        found = problems(identity={"api_keys": {"previous_secrets": [STRONG, "changeme"]}})
+        assert {(f"{PREVIOUS_API_KEY_SECRETS}[1]", "placeholder")} == found
 
     def test_identity_disabled_requires_no_identity_secrets(self):
         """A switched-off identity component needs no pepper nor keys."""
@@ -151,15 +160,18 @@ class TestEnforce:
         with pytest.raises(ConfigurationError) as caught:
             enforce_secrets(settings)
         lines = str(caught.value).splitlines()[1:]
-        assert 3 == len(lines)
+        # The placeholder pepper, the missing keys and API-key secret, the weak health token.
+        assert 4 == len(lines)
         assert all(line.startswith("- BASTION_") for line in lines)
         assert "changeme" not in str(caught.value).replace("placeholder", "")
 
     def test_development_warns_on_weak_value_and_keeps_it(self, caplog_structlog):
         """A weak value given explicitly is a warning in development, not a failure."""
-        settings = Settings(identity={"passwords": {"pepper": "short"}})
+        settings = Settings(
+            identity={"passwords": {"pepper": "short"}, "api_keys": {"secret": STRONG}}
+        )
         assert "short" == enforce_secrets(settings).identity.passwords.pepper.get_secret_value()
-        assert ["secret_unfit"] == [e["event"] for e in caplog_structlog]
+        assert [("secret_unfit", PEPPER)] == [(e["event"], e["variable"]) for e in caplog_structlog]
         assert "short" not in repr(caplog_structlog)
 
     def test_development_generates_a_missing_pepper_once(self, tmp_path, caplog_structlog):
@@ -173,8 +185,7 @@ class TestEnforce:
         path = tmp_path / "dev" / PEPPER.lower()
         assert 0o600 == path.stat().st_mode & 0o777
         events = [e for e in caplog_structlog if e["event"] == "secret_generated_for_development"]
-        assert 2 == len(events)
-        assert PEPPER == events[0]["variable"]
+        assert [PEPPER, API_KEY_SECRET] * 2 == [event["variable"] for event in events]
         assert first.get_secret_value() not in repr(caplog_structlog)
 
     def test_production_never_generates(self, tmp_path):

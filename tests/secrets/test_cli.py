@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 from collections.abc import Callable
@@ -39,13 +40,24 @@ class TestSecretsCheck:
         assert PEPPER in result.stdout
         assert "Tr0ub4dor&3" not in result.output
 
+    def test_weak_hs256_signing_key_exits_one(self, cli, monkeypatch):
+        """An HS256 key of 128 random bits is refused: HS256 needs 256; the key never shows."""
+        k = base64.urlsafe_b64encode(secrets.token_bytes(16)).rstrip(b"=").decode()
+        jwks = json.dumps({"keys": [{"kty": "oct", "kid": "hs", "alg": "HS256", "k": k}]})
+        monkeypatch.setenv("BASTION_IDENTITY__TOKENS__SIGNING_KEYS", jwks)
+        result = cli("secrets", "check")
+        assert 1 == result.exit_code
+        [line] = result.stdout.splitlines()
+        assert "weak: BASTION_IDENTITY__TOKENS__SIGNING_KEYS" in line
+        assert k not in result.output
+
     def test_production_missing_secrets_one_line_each(self, cli, monkeypatch):
         """In production each missing required secret is an error line."""
         monkeypatch.setenv("BASTION_ENVIRONMENT", "production")
         result = cli("secrets", "check")
         lines = result.stdout.splitlines()
         assert 1 == result.exit_code
-        assert 2 == len(lines)
+        assert 3 == len(lines)
         assert all(line.startswith("error missing: BASTION_IDENTITY__") for line in lines)
 
     def test_json_output(self, cli, monkeypatch):
@@ -60,6 +72,7 @@ class TestSecretsCheck:
         assert [
             (PEPPER, "placeholder", True),
             ("BASTION_IDENTITY__TOKENS__SIGNING_KEYS", "invalid", True),
+            ("BASTION_IDENTITY__API_KEYS__SECRET", "missing", True),
         ] == [(p["variable"], p["problem"], p["fatal"]) for p in document["problems"]]
         assert "changeme" not in result.stdout.replace("placeholder", "")
         assert "not-json-keys" not in result.stdout

@@ -1,57 +1,78 @@
 """Bastion Docs end to end: the app on SQLite and PostgreSQL, driven over HTTP.
 
 Every app here starts through bastion's own start-up, so its tables come from
-the service's Alembic tree, never from ``metadata.create_all``. The PostgreSQL
-database is shared by the whole session, so every test makes its own tenants
-(random slugs) and only ever looks inside them.
+bastion's and the service's Alembic trees, never from ``metadata.create_all``.
+The PostgreSQL database is shared by the whole session, so every test makes its
+own tenants (random slugs) and users (random addresses) and only ever looks
+inside them.
+
+Members are made with :func:`bastion.testing.create_member` (rows written
+directly, a token signed with the app's keys); the sign-up, login and
+invitation flows themselves are driven over HTTP in ``test_service_accounts.py``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
 import pytest
 from fastapi import FastAPI
 
-from bastion.testing import lifespan_client
+from bastion.testing import TestMember, create_member, lifespan_client
 from bastion_docs.app import create_app
 
-
-@dataclass(frozen=True)
-class Member:
-    """A user of a test tenant and the headers that act as them."""
-
-    id: str
-    tenant_id: str
-    role: str
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"X-Debug-User": self.id}
+FAST_PASSWORDS = {"time_cost": 1, "memory_cost": 8}
+"""Argon2id at its cheapest: the suite hashes many passwords, and the cost is not its subject."""
 
 
 @dataclass(frozen=True)
 class Workspace:
     """A tenant made for one test, with its owner."""
 
-    tenant: dict
-    owner: Member
-
-    @property
-    def id(self) -> str:
-        return self.tenant["id"]
+    id: str
+    slug: str
+    owner: TestMember
 
 
 def make_service(database_url: str, **overrides) -> FastAPI:
-    """The app as tests run it: start-up migrations on, quiet logs."""
+    """The app as tests run it: start-up migrations on, quiet logs, cheap password hashing."""
     overrides.setdefault("logging", {"level": "WARNING", "format": "json"})
     # The shipped default (20/second per client) would throttle the suite's bursts,
     # which all come from one address; the limiter's own tests set their limits.
     overrides.setdefault("ratelimit", {"default": "10000/second"})
+    overrides.setdefault("identity", {"passwords": FAST_PASSWORDS})
     return create_app(database={"url": database_url}, migrations={"mode": "auto"}, **overrides)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def empty_database_url(request, tmp_path) -> Iterator[str]:
+    """A database no migration has touched: a new SQLite file, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
+        return
+    import asyncpg
+
+    session_url = request.getfixturevalue("postgres_url")
+    base, _, session_name = session_url.rpartition("/")
+    name = f"{session_name}_{secrets.token_hex(3)}"
+
+    async def admin(statement: str) -> None:
+        connection = await asyncpg.connect(
+            session_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+        )
+        try:
+            await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    # A plain fixture, not an async one: PostgreSQL is set up before the test's loop runs.
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    yield f"{base}/{name}"
+    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture
@@ -74,23 +95,24 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 
 NewWorkspace = Callable[..., Awaitable[Workspace]]
-AddMember = Callable[[Workspace, str], Awaitable[Member]]
+AddMember = Callable[[Workspace, str], Awaitable[TestMember]]
+
+
+def unique_email(label: str) -> str:
+    """An address no other test of the session uses (users are global)."""
+    return f"{label}-{secrets.token_hex(5)}@example.test"
 
 
 @pytest.fixture
-def new_workspace(client: httpx.AsyncClient) -> NewWorkspace:
+def new_workspace(app: FastAPI, client: httpx.AsyncClient) -> NewWorkspace:
     """Create a tenant with a unique slug and return it with its owner."""
 
     async def create(name: str = "Acme") -> Workspace:
         slug = f"t-{secrets.token_hex(6)}"
-        response = await client.post(
-            "/v1/tenants",
-            json={"name": name, "slug": slug, "owner_email": f"owner@{slug}.example"},
+        owner = await create_member(
+            app, tenant_slug=slug, tenant_name=name, email=unique_email("owner"), role="owner"
         )
-        assert 201 == response.status_code, response.text
-        body = response.json()
-        owner = Member(body["owner"]["id"], body["tenant"]["id"], "owner")
-        return Workspace(body["tenant"], owner)
+        return Workspace(str(owner.tenant_id), slug, owner)
 
     return create
 
@@ -102,17 +124,13 @@ async def workspace(new_workspace: NewWorkspace) -> Workspace:
 
 
 @pytest.fixture
-def add_member(client: httpx.AsyncClient) -> AddMember:
-    """Have a workspace's owner add a user with the given role."""
+def add_member(app: FastAPI, client: httpx.AsyncClient) -> AddMember:
+    """Add a new user with the given role to a workspace."""
 
-    async def add(workspace: Workspace, role: str) -> Member:
-        response = await client.post(
-            "/v1/users",
-            json={"email": f"{role}-{secrets.token_hex(4)}@example.com", "role": role},
-            headers=workspace.owner.headers,
+    async def add(workspace: Workspace, role: str) -> TestMember:
+        return await create_member(
+            app, tenant_slug=workspace.slug, email=unique_email(role), role=role
         )
-        assert 201 == response.status_code, response.text
-        return Member(response.json()["id"], workspace.id, role)
 
     return add
 
@@ -121,7 +139,7 @@ def add_member(client: httpx.AsyncClient) -> AddMember:
 def create_document(client: httpx.AsyncClient):
     """POST a document as ``member`` and return its JSON (asserting 201)."""
 
-    async def create(member: Member, title: str = "A title", **fields) -> dict:
+    async def create(member: TestMember, title: str = "A title", **fields) -> dict:
         response = await client.post(
             "/v1/documents", json={"title": title, **fields}, headers=member.headers
         )

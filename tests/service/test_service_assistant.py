@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bastion.testing import FakeLLMProvider, lifespan_client
+from bastion.testing import FakeLLMProvider, create_member, lifespan_client
 from bastion_docs.assistant import (
     EXCERPT_CHARS,
     MAX_TERMS,
@@ -167,7 +167,7 @@ class TestProviderAnswers:
         """max_documents caps both the sources listed and the documents sent to the provider."""
         app = service(database_url, llm={"url": llm.url, "max_documents": 2})
         async with lifespan_client(app) as client:
-            owner = await _new_owner(client)
+            owner = await _new_owner(app)
             for number in range(4):
                 await client.post(
                     "/v1/documents",
@@ -264,7 +264,7 @@ class TestDegraded:
             resilience={"route_deadlines": {ASK: ROUTE_DEADLINE}},
         )
         async with lifespan_client(app) as client:
-            owner = await _new_owner(client)
+            owner = await _new_owner(app)
             started = time.monotonic()
             response = await client.post(ASK, json={"question": "budget"}, headers=owner)
             elapsed = time.monotonic() - started
@@ -273,8 +273,9 @@ class TestDegraded:
 
     async def test_no_provider_configured(self, service, database_url):
         """Without a provider URL the answer is the keyword summary, reason not_configured."""
-        async with lifespan_client(service(database_url)) as client:
-            owner = await _new_owner(client)
+        app = service(database_url)
+        async with lifespan_client(app) as client:
+            owner = await _new_owner(app)
             await client.post(
                 "/v1/documents",
                 json={"title": "Budget", "body": "We spend less. Much less."},
@@ -357,7 +358,7 @@ class TestInput:
         assert 200 == response.status_code
 
     async def test_unauthenticated_caller_is_refused(self, client, llm):
-        """Without X-Debug-User the assistant answers 401 and asks the provider nothing."""
+        """Without credentials the assistant answers 401 and asks the provider nothing."""
         response = await client.post(ASK, json={"question": "budget"})
         assert (401, 0) == (response.status_code, llm.request_count)
 
@@ -374,7 +375,7 @@ class TestOpenApi:
         }
         schema = operation["responses"]["200"]["content"]["application/json"]["schema"]
         shapes = {ref["$ref"].rsplit("/", 1)[-1] for ref in schema["anyOf"]}
-        assert {"UNAUTHENTICATED", "INVALID_INPUT"} <= codes
+        assert {"UNAUTHENTICATED", "FORBIDDEN", "INVALID_INPUT"} <= codes
         assert {"AssistantAnswer", "DegradedAnswer"} == shapes
 
 
@@ -411,12 +412,10 @@ class TestKeywords:
         assert len(lines[2]) <= len("C: ") + 200
 
 
-async def _new_owner(client) -> dict[str, str]:
+async def _new_owner(app) -> dict[str, str]:
     slug = f"t-{secrets.token_hex(6)}"
-    response = await client.post(
-        "/v1/tenants", json={"name": "T", "slug": slug, "owner_email": f"o@{slug}.example"}
-    )
-    return {"X-Debug-User": response.json()["owner"]["id"]}
+    owner = await create_member(app, tenant_slug=slug, email=f"owner@{slug}.example", role="owner")
+    return owner.headers
 
 
 def _circuit(circuits, name: str) -> dict:

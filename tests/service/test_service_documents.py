@@ -32,7 +32,10 @@ class TestCreateDocument:
             created["tags"],
             created["version"],
         )
-        assert ws.owner.id == created["created_by"]
+        assert (str(ws.owner.user_id), None) == (
+            created["created_by"],
+            created["created_by_api_key"],
+        )
         assert created["created_at"] == created["updated_at"]
         read = await client.get(response.headers["location"], headers=ws.owner.headers)
         assert created == read.json()

@@ -62,17 +62,18 @@ class TestServiceIndexes:
         assert wanted in [index[: len(wanted)] for index in indexes], indexes
 
     async def test_index_revision_reverts_and_reapplies(self, app, client):
-        """Revision 0002 drops its index on downgrade and builds it again on upgrade."""
+        """Revision 0002 drops its index on downgrade and builds it again on upgrade (with 0003)."""
         migrator = app.state.bastion.migrator
 
         async def has_index() -> bool:
             indexes, _ = (await reflected(app))["documents"]
             return ("created_by",) in indexes
 
-        reverted = await migrator.downgrade("app", "0001")
+        # Past 0003 on the way down, which drops a column: consent is needed.
+        reverted = await migrator.downgrade("app", "0001", allow_destructive=True)
         without = await has_index()
         reapplied = await migrator.upgrade()
-        assert (["0002"], False, ["0002"], True) == (
+        assert (["0003", "0002"], False, ["0002", "0003"], True) == (
             [r.revision for r in reverted],
             without,
             [r.revision for r in reapplied],

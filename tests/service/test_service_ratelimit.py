@@ -40,7 +40,7 @@ class TestShippedDefault:
         app = service(sqlite_url)
         assert DEFAULT_RATE_LIMIT == app.state.bastion.settings.ratelimit.default
         async with started(app) as client:
-            first = await client.get("/v1/users/me")
+            first = await client.get("/v1/documents")
             assert 401 == first.status_code
             assert (
                 '"default-1s";q=20;w=1, "default-3600s";q=1000;w=3600'
@@ -48,7 +48,7 @@ class TestShippedDefault:
             )
             assert "19" == first.headers["x-ratelimit-remaining"]
             started_at = time.monotonic()
-            codes = [(await client.get("/v1/users/me")).status_code for _ in range(40)]
+            codes = [(await client.get("/v1/documents")).status_code for _ in range(40)]
             elapsed = time.monotonic() - started_at
         admitted = codes.count(401)
         assert 429 in codes
@@ -59,8 +59,8 @@ class TestShippedDefault:
         """The rejection is problem+json RATE_LIMITED with Retry-After and the headers."""
         app = service(sqlite_url, ratelimit={"default": "1/minute"})
         async with started(app) as client:
-            await client.get("/v1/users/me")
-            response = await client.get("/v1/users/me", headers={"X-Request-Id": "svc-1"})
+            await client.get("/v1/documents")
+            response = await client.get("/v1/documents", headers={"X-Request-Id": "svc-1"})
         assert 429 == response.status_code
         assert "application/problem+json" == response.headers["content-type"]
         assert {
@@ -84,7 +84,7 @@ class TestOverrides:
         monkeypatch.setenv("BASTION_RATELIMIT__DEFAULT", "2/minute")
         app = service(sqlite_url)
         async with started(app) as client:
-            codes = [(await client.get("/v1/users/me")).status_code for _ in range(3)]
+            codes = [(await client.get("/v1/documents")).status_code for _ in range(3)]
         assert [401, 401, 429] == codes
 
     async def test_an_empty_value_switches_it_off(self, sqlite_url, monkeypatch):
@@ -93,7 +93,7 @@ class TestOverrides:
         app = service(sqlite_url)
         assert app.state.bastion.settings.ratelimit.default is None
         async with started(app) as client:
-            response = await client.get("/v1/users/me")
+            response = await client.get("/v1/documents")
         assert "ratelimit-policy" not in response.headers
 
     async def test_a_toml_file_overrides_the_default(self, sqlite_url, monkeypatch, tmp_path):
@@ -116,7 +116,7 @@ class TestOverrides:
         async with started(app, peer="10.0.0.9") as proxy:
             codes = [
                 (
-                    await proxy.get("/v1/users/me", headers={"X-Forwarded-For": client_ip})
+                    await proxy.get("/v1/documents", headers={"X-Forwarded-For": client_ip})
                 ).status_code
                 for client_ip in ("198.51.100.1", "198.51.100.2", "198.51.100.1")
             ]

@@ -25,6 +25,8 @@ def _register() -> None:
     from bastion.cli import migrate_lint as _migrate_lint  # noqa: F401, PLC0415 -- registration
     from bastion.cli import secrets as _secrets  # noqa: F401, PLC0415 -- registration
     from bastion.cli import serve as _serve  # noqa: F401, PLC0415 -- registration
+    from bastion.cli import tenants as _tenants  # noqa: F401, PLC0415 -- registration
+    from bastion.cli import users as _users  # noqa: F401, PLC0415 -- registration
 
 
 def main() -> None:

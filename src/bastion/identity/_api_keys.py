@@ -40,8 +40,8 @@ from typing import Final
 
 from pydantic import SecretStr
 
+from bastion._ids import uuid7_text
 from bastion.errors import ConfigurationError, Unauthenticated
-from bastion.identity._tokens import _uuid7
 
 __all__ = [
     "API_KEY_SECRET_BYTES",
@@ -335,7 +335,7 @@ class ApiKeys:
         key = body + _checksum(body)
         now = self._clock()
         record = ApiKeyRecord(
-            id=_uuid7(now.timestamp()),
+            id=uuid7_text(now.timestamp()),
             tenant=tenant,
             name=name,
             scopes=tuple(sorted(set(scopes))),

@@ -76,6 +76,9 @@ class SecurityEventKind(enum.StrEnum):
     MEMBER_JOINED = "member_joined"
     MEMBER_REMOVED = "member_removed"
     TENANT_CREATED = "tenant_created"
+    TENANT_UPDATED = "tenant_updated"
+    TENANT_SETTINGS_CHANGED = "tenant_settings_changed"
+    INVITATION_REVOKED = "invitation_revoked"
     ACCESS_DENIED = "access_denied"
 
 

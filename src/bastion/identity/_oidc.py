@@ -533,6 +533,7 @@ class OidcProvider:
             kind="user",
             tenant_id=mapping.tenant_of(claims),
             roles=mapping.roles(claims),
+            issuer=self.issuer,
         )
         sub = claims.get("sub")
         return OidcClaims(

@@ -36,8 +36,8 @@ from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Final, Protocol, runtime_checkable
 
+from bastion._ids import uuid7_text
 from bastion.errors import Unauthenticated
-from bastion.identity._tokens import _uuid7
 
 __all__ = [
     "DEFAULT_ONE_TIME_TTLS",
@@ -267,7 +267,7 @@ class OneTimeTokens:
         text = token.rstrip(b"=").decode("ascii")
         now = self._clock()
         record = OneTimeTokenRecord(
-            id=_uuid7(now.timestamp()),
+            id=uuid7_text(now.timestamp()),
             purpose=purpose,
             subject=subject,
             token_hash=_hash(purpose, text),

@@ -19,23 +19,30 @@ and a trusted service's are those of the roles it carries.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import functools
 import inspect
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, Final, ParamSpec, TypeVar
 
-from bastion.errors import ConfigurationError, Forbidden, Unauthenticated
+from bastion.errors import ConfigurationError, Forbidden
 from bastion.identity._permission_cache import PermissionCache
-from bastion.identity._principal import Principal, current_principal
+from bastion.identity._principal import Principal, authenticated, current_principal
 
 __all__ = [
     "Authorizer",
     "Roles",
+    "authenticated_operations",
+    "bind_prefetched_permissions",
+    "bind_request_authorizer",
     "current_authorizer",
     "grants",
     "protected_operations",
     "require",
     "requires",
+    "unbind_prefetched_permissions",
+    "unbind_request_authorizer",
     "use_authorizer",
 ]
 
@@ -161,7 +168,8 @@ class Authorizer:
         roles: the application's roles (for services, and for users without a cache).
         cache: the permission cache users' permissions come from; without one, a
             user's permissions are those of the roles its token carries (stale until
-            the token expires: fine for tests and single-service setups).
+            the token expires: fine for tests and single-service setups). Users of
+            an external OIDC issuer always hold their mapped roles' permissions.
     """
 
     __slots__ = ("cache", "roles")
@@ -174,10 +182,14 @@ class Authorizer:
         """Return what ``principal`` may do in its tenant."""
         if principal.kind == "api_key":
             return principal.scopes or frozenset()
-        if principal.kind == "user" and self.cache is not None:
+        # A user of an external issuer has no membership here: its mapped roles count.
+        if principal.kind == "user" and self.cache is not None and principal.issuer is None:
             if principal.tenant_id is None:
                 # Permissions are per tenant: a user acting for none holds none.
                 return frozenset()
+            prefetched = _prefetched.get()
+            if prefetched is not None and prefetched[0] is principal:
+                return await prefetched[1]
             return await self.cache.permissions(principal.subject, principal.tenant_id)
         return self.roles.permissions_for(principal.roles)
 
@@ -192,7 +204,8 @@ class Authorizer:
                 in the body (``detail`` and ``permission``) only when not ``sensitive``.
         """
         if principal is None:
-            raise Unauthenticated
+            # The refusal identity recorded (an expired token...), else "no credentials".
+            principal = await authenticated()
         if grants(await self.permissions(principal), permission):
             return principal
         if sensitive:
@@ -216,13 +229,61 @@ def use_authorizer(authorizer: Authorizer | None) -> None:
     _current = authorizer
 
 
+_request_authorizer: Final[contextvars.ContextVar[Authorizer | None]] = contextvars.ContextVar(
+    "bastion_request_authorizer", default=None
+)
+
+
+def bind_request_authorizer(
+    authorizer: Authorizer,
+) -> contextvars.Token[Authorizer | None]:
+    """Make ``authorizer`` the one of the request being served (the identity middleware's).
+
+    It wins over :func:`use_authorizer`'s: with two apps in one process (two
+    instances in a test, a benchmark), each request is checked by its own app's
+    roles and cache, not by whichever app started last.
+    """
+    return _request_authorizer.set(authorizer)
+
+
+def unbind_request_authorizer(token: contextvars.Token[Authorizer | None]) -> None:
+    """Restore the request authorizer that was bound before."""
+    _request_authorizer.reset(token)
+
+
+_prefetched: Final[
+    contextvars.ContextVar[tuple[Principal, asyncio.Future[frozenset[str]]] | None]
+] = contextvars.ContextVar("bastion_prefetched_permissions", default=None)
+
+
+def bind_prefetched_permissions(
+    principal: Principal, permissions: asyncio.Future[frozenset[str]]
+) -> contextvars.Token[tuple[Principal, asyncio.Future[frozenset[str]]] | None]:
+    """Let the request's checks of ``principal`` await ``permissions``, already in flight.
+
+    The identity middleware starts the permission-cache lookup while the deny list
+    is asked, so the two Redis round trips overlap instead of following each other.
+    """
+    return _prefetched.set((principal, permissions))
+
+
+def unbind_prefetched_permissions(
+    token: contextvars.Token[tuple[Principal, asyncio.Future[frozenset[str]]] | None],
+) -> None:
+    """Forget the prefetched permissions (at the end of the request)."""
+    _prefetched.reset(token)
+
+
 def current_authorizer() -> Authorizer:
-    """Return the authorizer :func:`use_authorizer` set.
+    """Return the request's authorizer, else the one :func:`use_authorizer` set.
 
     Raises:
         ConfigurationError: none is set (answered as a 500: a protected route
             must never be served unchecked).
     """
+    bound = _request_authorizer.get()
+    if bound is not None:
+        return bound
     if _current is None:
         raise ConfigurationError(
             "no authorizer: call bastion.identity.use_authorizer(Authorizer(roles, cache))"
@@ -299,7 +360,7 @@ def protected_operations(routes: Iterable[Any]) -> set[tuple[str, str]]:
     :func:`require` dependency appears anywhere in its dependency tree.
     """
     found: set[tuple[str, str]] = set()
-    for route in routes:
+    for route in _flattened(routes):
         methods = getattr(route, "methods", None)
         path = getattr(route, "path", None)
         if not methods or path is None:
@@ -311,6 +372,48 @@ def protected_operations(routes: Iterable[Any]) -> set[tuple[str, str]]:
         if guarded:
             found.update((method, path) for method in methods)
     return found
+
+
+def authenticated_operations(
+    routes: Iterable[Any], *, dependencies: Iterable[Callable[..., Any]] = ()
+) -> set[tuple[str, str]]:
+    """Return ``(METHOD, path template)`` of every route that needs a caller.
+
+    For the OpenAPI document's ``security``: the routes a permission check guards
+    (:func:`protected_operations`), and those whose dependency tree holds
+    :func:`~bastion.identity.authenticated` or one of ``dependencies`` (such as
+    the tenancy's ``current_tenant_id``).
+    """
+    calls = {authenticated, *dependencies}
+    found = protected_operations(routes)
+    for route in _flattened(routes):
+        methods = getattr(route, "methods", None)
+        path = getattr(route, "path", None)
+        dependant = getattr(route, "dependant", None)
+        if methods and path is not None and dependant is not None and _calls(dependant, calls):
+            found.update((method, path) for method in methods)
+    return found
+
+
+def _calls(dependant: Any, calls: set[Callable[..., Any]]) -> bool:
+    stack = [dependant]
+    while stack:
+        node = stack.pop()
+        if getattr(node, "call", None) in calls:
+            return True
+        stack.extend(getattr(node, "dependencies", ()))
+    return False
+
+
+def _flattened(routes: Iterable[Any]) -> Iterator[Any]:
+    for route in routes:
+        contexts = getattr(route, "effective_route_contexts", None)
+        if callable(contexts):
+            # FastAPI >= 0.16x keeps an included router as one node; its contexts
+            # carry each route's full path, methods and dependencies.
+            yield from contexts()
+        else:
+            yield route
 
 
 def _guarded(dependant: Any) -> bool:

@@ -19,13 +19,13 @@ from __future__ import annotations
 import binascii
 import math
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, runtime_checkable
 
 import orjson
 
+from bastion._ids import uuid7_text
 from bastion.errors import Unauthenticated
 from bastion.identity._jose import B64URL, b64decode, number
 from bastion.identity._keys import KeySet, b64url_encode
@@ -134,7 +134,7 @@ class AccessClaims:
 
     Attributes:
         subject: ``sub``, the user (or service) id.
-        tenant: ``tid``, the tenant the token acts for.
+        tenant: ``tid``, the tenant the token acts for; empty when it acts for none.
         roles: ``roles`` in that tenant.
         token_id: ``jti``, the handle for revocation.
         issued_at: ``iat``, epoch seconds.
@@ -172,14 +172,6 @@ class IssuedToken:
     token_id: str
     expires_at: int
     expires_in: int
-
-
-def _uuid7(now: float) -> str:
-    """A UUIDv7 (RFC 9562): 48-bit millisecond time, then 74 random bits."""
-    value = (int(now * 1000) & ((1 << 48) - 1)) << 80 | (uuid.uuid4().int & ((1 << 80) - 1))
-    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
-    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
-    return str(uuid.UUID(int=value))
 
 
 class AccessTokens:
@@ -272,7 +264,7 @@ class AccessTokens:
         now = self._clock()
         iat = int(now)
         life = int(self.ttl if ttl is None else ttl)
-        jti = _uuid7(now)
+        jti = uuid7_text(now)
         claims: dict[str, Any] = {}
         if extra:
             clash = _RESERVED.intersection(extra)
@@ -365,7 +357,8 @@ class AccessTokens:
             iss != self.issuer
             or not (aud == self.audience or (isinstance(aud, list) and self.audience in aud))
             or not (isinstance(sub, str) and sub)
-            or not (isinstance(tid, str) and tid)
+            # An empty tid is a token acting for no tenant (a user who has none yet).
+            or not isinstance(tid, str)
             or not (isinstance(jti, str) and jti)
             or not isinstance(roles, list)
             or not all(isinstance(role, str) for role in roles)

@@ -64,6 +64,7 @@ __all__ = [
     "RESILIENCE_FALLBACKS",
     "RETRIES",
     "RETRY_BUDGET_EXHAUSTED",
+    "TENANT_QUOTA_REJECTIONS",
 ]
 
 # Sub-millisecond buckets matter for SQLite and a local PostgreSQL; the top ones
@@ -203,7 +204,7 @@ CACHE_REQUESTS: Final = Counter(
 )
 AUTH_ATTEMPTS: Final = Counter(
     "bastion_auth_attempts_total",
-    "Authentication attempts by method (password, token, api_key, oidc) and outcome.",
+    "Authentication attempts by method (password, token, api_key, oidc, trusted) and outcome.",
     ["method", "outcome"],
 )
 AUTH_LOCKOUTS: Final = Counter(
@@ -327,4 +328,12 @@ IDENTITY_DENY_LIST_CHECKS: Final = Counter(
     "Access-token deny-list checks by result (allowed, revoked, failed_open,"
     " failed_closed: the store could not answer).",
     ["result"],
+)
+
+# --- Tenancy: per-tenant quotas (issue 7) ----------------------------------------------
+TENANT_QUOTA_REJECTIONS: Final = Counter(
+    "bastion_tenant_quota_rejections_total",
+    "Requests refused 429 QUOTA_EXCEEDED by a tenant quota, by quota (requests_per_day,"
+    " api_calls_per_month, members); no tenant label: one series per tenant would not scale.",
+    ["quota"],
 )

@@ -55,6 +55,7 @@ from bastion.observability._metrics import (
     RESILIENCE_FALLBACKS,
     RETRIES,
     RETRY_BUDGET_EXHAUSTED,
+    TENANT_QUOTA_REJECTIONS,
 )
 
 __all__ = [
@@ -99,4 +100,5 @@ __all__ = [
     "RESILIENCE_FALLBACKS",
     "RETRIES",
     "RETRY_BUDGET_EXHAUSTED",
+    "TENANT_QUOTA_REJECTIONS",
 ]

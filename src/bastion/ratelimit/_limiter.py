@@ -7,7 +7,6 @@ that limits something other than a request calls :meth:`RateLimiter.hit`.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
@@ -17,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
+from bastion._forwarded import NetworkSet
 from bastion.errors import ConfigurationError, FieldError, InvalidInput
 from bastion.ratelimit._decorator import MARK, RouteLimit
 from bastion.ratelimit._errors import LimitsUnavailable, RateLimited
@@ -34,6 +34,7 @@ from bastion.ratelimit._store import LimitStore, StoreUnavailable, Verdict
 from bastion.resilience import Degradation
 
 if TYPE_CHECKING:
+    from bastion.ratelimit._tenants import TenantHook
     from bastion.settings import RateLimitSettings
 
 __all__ = ["RateLimiter"]
@@ -67,7 +68,10 @@ class RateLimiter:
         quotas: as given.
         login: as given.
         active: whether any request can be limited (known once the routes are
-            read); the middleware passes every request straight on while it is ``False``.
+            read); the middleware passes every request straight on while it is
+            ``False`` and there is no ``tenants`` hook.
+        tenants: per-tenant limits and quotas (``bastion.tenancy.TenantQuotas``
+            attaches itself), or ``None``.
 
     Raises:
         ConfigurationError: a policy is refused (see :func:`build_policy`).
@@ -116,10 +120,8 @@ class RateLimiter:
         for key, name in settings.routes.items():
             method, _, template = key.strip().rpartition(" ")
             self._route_settings[(method.strip().upper() or ANY_METHOD, template)] = name
-        self.exempt_networks = tuple(
-            ipaddress.ip_network(network, strict=False) for network in settings.exempt_networks
-        )
-        self._exempt_cache: dict[str, bool] = {}
+        self._exempt = NetworkSet(settings.exempt_networks, cache_max=_EXEMPT_CACHE_MAX)
+        self.exempt_networks = self._exempt.networks
         self.degradation = Degradation("redis", feature="rate limits")
         self.table: RouteTable | None = None
         self.templates: RouteTable | None = None
@@ -128,6 +130,8 @@ class RateLimiter:
         self._inline: dict[RouteLimit, Policy] = {}
         # Unknown until the routes are read (at start-up): decorators may limit a route.
         self.active = True
+        # Per-tenant overrides and quotas (bastion.tenancy.TenantQuotas), when installed.
+        self.tenants: TenantHook | None = None
 
     # -- routes ---------------------------------------------------------------------------
 
@@ -294,22 +298,7 @@ class RateLimiter:
 
     def exempt(self, address: str) -> bool:
         """Return whether ``address`` is in ``ratelimit.exempt_networks``."""
-        networks = self.exempt_networks
-        if not networks:
-            return False
-        cache = self._exempt_cache
-        found = cache.get(address)
-        if found is None:
-            try:
-                ip = ipaddress.ip_address(address)
-            except ValueError:
-                found = False
-            else:
-                found = any(ip in network for network in networks)
-            if len(cache) >= _EXEMPT_CACHE_MAX:
-                cache.clear()
-            cache[address] = found
-        return found
+        return address in self._exempt
 
     # -- decisions --------------------------------------------------------------------
 

@@ -1,13 +1,15 @@
-"""The ``/v1`` API of Bastion Docs, one router per resource."""
+"""The ``/v1`` API of Bastion Docs, one router per resource.
+
+Tenants, members, accounts and API keys are bastion's own routes, mounted by
+``bastion.install`` under the same ``/v1`` prefix.
+"""
 
 from fastapi import APIRouter
 
-from bastion_docs.routes import assistant, documents, tenants, users
+from bastion_docs.routes import assistant, documents
 
 __all__ = ["v1"]
 
 v1 = APIRouter(prefix="/v1")
-v1.include_router(tenants.router)
-v1.include_router(users.router)
 v1.include_router(documents.router)
 v1.include_router(assistant.router)

@@ -3,7 +3,8 @@
 The answer comes from the configured LLM provider when it can give one, else
 from keyword search, marked ``degraded``; a provider outage never fails the
 request. Only the caller's tenant's documents are searched, sent to the
-provider and listed as sources.
+provider and listed as sources, and asking needs ``documents:read``: the
+assistant reveals nothing its caller could not read.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 
 from bastion.errors import ErrorCode, problem_responses
+from bastion.identity import require
+from bastion.tenancy import TenantId
 from bastion_docs.assistant import Assistant, search
 from bastion_docs.dependencies import DbSession
-from bastion_docs.identity import CurrentCaller
+from bastion_docs.routes.documents import READ
 from bastion_docs.schemas import AssistantAnswer, AssistantQuestion, DegradedAnswer
 
 __all__ = ["router"]
@@ -32,11 +35,12 @@ async def assistant(request: Request) -> Assistant:
 @router.post(
     "/ask",
     summary="Ask about the tenant's documents",
-    responses=problem_responses(ErrorCode.UNAUTHENTICATED),
+    dependencies=[Depends(require(READ))],
+    responses=problem_responses(ErrorCode.UNAUTHENTICATED, ErrorCode.FORBIDDEN),
 )
 async def ask(
     payload: AssistantQuestion,
-    caller: CurrentCaller,
+    tenant: TenantId,
     session: DbSession,
     helper: Annotated[Assistant, Depends(assistant)],
 ) -> AssistantAnswer | DegradedAnswer:
@@ -48,10 +52,11 @@ async def ask(
     it fails, the answer is 200 with ``degraded: true``, a ``reason``, and each
     match's title and first sentence instead; the provider's errors are never
     shown.
+
+    Raises:
+        Forbidden: the caller lacks ``documents:read``.
     """
-    matches = await search(
-        session, caller.tenant_id, payload.question, limit=helper.settings.max_documents
-    )
+    matches = await search(session, tenant, payload.question, limit=helper.settings.max_documents)
     # The provider may take seconds: its call must not hold a pooled connection.
     await session.close()
     return await helper.answer(payload.question, matches)

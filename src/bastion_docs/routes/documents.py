@@ -1,10 +1,14 @@
 """Documents of the caller's tenant: create, read, list, change, delete.
 
-Every statement here filters on the caller's ``tenant_id``. A document of
-another tenant is answered exactly like one that does not exist (404
-``NOT_FOUND``), so ids cannot be probed for existence across tenants; a
-malformed id is a 404 as well, for the same reason and because no document can
-live at such a path.
+Reading and listing need the permission ``documents:read``; creating, changing
+and deleting need ``documents:write`` (roles grant them, see
+:data:`bastion_docs.app.SERVICE_ROLES`; an API key needs them among its scopes).
+Every statement goes through :func:`bastion.tenancy.scoped` with the caller's
+tenant (:data:`bastion.tenancy.TenantId`, from the credential, never from the
+request). A document of another tenant is answered exactly like one that does
+not exist (404 ``NOT_FOUND``), so ids cannot be probed for existence across
+tenants; a malformed id is a 404 as well, for the same reason and because no
+document can live at such a path.
 """
 
 from __future__ import annotations
@@ -18,16 +22,10 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import load_only
 
-from bastion.errors import (
-    ErrorCode,
-    FieldError,
-    Forbidden,
-    InvalidInput,
-    NotFound,
-    problem_responses,
-)
+from bastion.errors import ErrorCode, FieldError, InvalidInput, NotFound, problem_responses
+from bastion.identity import Principal, require
+from bastion.tenancy import TenantId, scoped
 from bastion_docs.dependencies import DbSession
-from bastion_docs.identity import Caller, CurrentCaller
 from bastion_docs.ids import uuid7
 from bastion_docs.models import Document, utc_now
 from bastion_docs.schemas import (
@@ -39,13 +37,18 @@ from bastion_docs.schemas import (
     PageLinks,
 )
 
-__all__ = ["PAGE_MAX", "PAGE_SIZE_DEFAULT", "PAGE_SIZE_MAX", "router"]
+__all__ = ["PAGE_MAX", "PAGE_SIZE_DEFAULT", "PAGE_SIZE_MAX", "READ", "WRITE", "router"]
 
 PAGE_SIZE_DEFAULT: Final = 20
 PAGE_SIZE_MAX: Final = 100
 # Offsets past this are refused: SQLite's OFFSET is a signed 64-bit integer, and no
 # one pages this deep through a UI (a cursor-based list is the tool for that).
 PAGE_MAX: Final = 100_000
+
+READ: Final = "documents:read"
+"""Permission to read and list the tenant's documents (and ask the assistant about them)."""
+WRITE: Final = "documents:write"
+"""Permission to create, change and delete the tenant's documents."""
 
 router = APIRouter(prefix="/documents", tags=["documents"])
 
@@ -63,24 +66,32 @@ _SUMMARY_COLUMNS: Final = load_only(
     Document.title,
     Document.tags,
     Document.created_by,
+    Document.created_by_api_key,
     Document.created_at,
     Document.updated_at,
     Document.version,
 )
 
 
-async def writer(caller: CurrentCaller) -> Caller:
-    """Let the caller through only if their role may change documents.
-
-    Raises:
-        Forbidden: the caller is a viewer.
-    """
-    if not caller.role.can_write:
-        raise Forbidden("Viewers can read documents but not change them.")
-    return caller
+# Route-level dependencies run before the parameters' own, so a caller without the
+# permission is refused before the tenant is resolved or the body validated.
+_READER: Final = [Depends(require(READ))]
+_WRITER: Final = [Depends(require(WRITE))]
+Writer = Annotated[Principal, Depends(require(WRITE))]
 
 
-Writer = Annotated[Caller, Depends(writer)]
+def _author(principal: Principal) -> dict[str, uuid.UUID | None]:
+    # A user or an API key of the tenant is recorded; a trusted internal service has
+    # no row to point at, so its documents have no recorded author.
+    try:
+        subject = uuid.UUID(principal.subject)
+    except ValueError:
+        return {"created_by": None, "created_by_api_key": None}
+    if principal.kind == "user":
+        return {"created_by": subject, "created_by_api_key": None}
+    if principal.kind == "api_key":
+        return {"created_by": None, "created_by_api_key": subject}
+    return {"created_by": None, "created_by_api_key": None}
 
 
 def _document_id(raw: str) -> uuid.UUID:
@@ -98,26 +109,29 @@ def _document_id(raw: str) -> uuid.UUID:
 )
 async def create_document(
     payload: DocumentCreate,
+    *,
     caller: Writer,
+    tenant: TenantId,
     session: DbSession,
     request: Request,
     response: Response,
 ) -> DocumentOut:
     """Create a document in the caller's tenant, at version 1.
 
-    The ``Location`` header holds the new document's path.
+    The ``Location`` header holds the new document's path. The author is the
+    calling user (``created_by``) or API key (``created_by_api_key``).
 
     Raises:
-        Forbidden: the caller is a viewer.
+        Forbidden: the caller lacks ``documents:write``.
     """
     now = utc_now()
     document = Document(
         id=uuid7(),
-        tenant_id=caller.tenant_id,
+        tenant_id=tenant,
         title=payload.title,
         body=payload.body,
         tags=payload.tags,
-        created_by=caller.user_id,
+        **_author(caller),
         created_at=now,
         updated_at=now,
         version=1,
@@ -131,19 +145,23 @@ async def create_document(
 @router.get(
     "/{document_id}",
     summary="Read a document",
-    responses=problem_responses(ErrorCode.UNAUTHENTICATED, ErrorCode.NOT_FOUND),
+    dependencies=_READER,
+    responses=problem_responses(
+        ErrorCode.UNAUTHENTICATED, ErrorCode.FORBIDDEN, ErrorCode.NOT_FOUND
+    ),
 )
 async def read_document(
-    document_id: DocumentId, caller: CurrentCaller, session: DbSession
+    document_id: DocumentId, tenant: TenantId, session: DbSession
 ) -> DocumentOut:
     """Return one document of the caller's tenant.
 
     Raises:
+        Forbidden: the caller lacks ``documents:read``.
         NotFound: no document of the caller's tenant has this id.
     """
     key = _document_id(document_id)
     document = await session.scalar(
-        select(Document).where(Document.id == key, Document.tenant_id == caller.tenant_id)
+        scoped(select(Document), Document, tenant).where(Document.id == key)
     )
     if document is None:
         raise NotFound("No such document.")
@@ -153,10 +171,11 @@ async def read_document(
 @router.get(
     "",
     summary="List documents, newest first",
-    responses=problem_responses(ErrorCode.UNAUTHENTICATED),
+    dependencies=_READER,
+    responses=problem_responses(ErrorCode.UNAUTHENTICATED, ErrorCode.FORBIDDEN),
 )
 async def list_documents(
-    caller: CurrentCaller,
+    tenant: TenantId,
     session: DbSession,
     request: Request,
     page: Annotated[int, Query(ge=1, le=PAGE_MAX, description="1-based page number.")] = 1,
@@ -169,18 +188,20 @@ async def list_documents(
     Documents created in the same instant are ordered by id, so pages never
     overlap or skip while the list is unchanged. Items carry no body; read a
     document for it. A page past the last is empty, not an error.
+
+    Raises:
+        Forbidden: the caller lacks ``documents:read``.
     """
-    in_tenant = Document.tenant_id == caller.tenant_id
-    total = await session.scalar(select(func.count()).select_from(Document).where(in_tenant)) or 0
+    counted = scoped(select(func.count()).select_from(Document), Document, tenant)
+    total = await session.scalar(counted) or 0
     offset = (page - 1) * page_size
     documents = (
         []
         if offset >= total
         else (
             await session.scalars(
-                select(Document)
+                scoped(select(Document), Document, tenant)
                 .options(_SUMMARY_COLUMNS)
-                .where(in_tenant)
                 .order_by(*_NEWEST_FIRST)
                 .offset(offset)
                 .limit(page_size)
@@ -216,12 +237,16 @@ def _page_links(path: str, page: int, page_size: int, total: int) -> PageLinks:
 @router.patch(
     "/{document_id}",
     summary="Change a document",
+    dependencies=_WRITER,
     responses=problem_responses(
         ErrorCode.UNAUTHENTICATED, ErrorCode.FORBIDDEN, ErrorCode.NOT_FOUND
     ),
 )
 async def update_document(
-    document_id: DocumentId, payload: DocumentPatch, caller: Writer, session: DbSession
+    document_id: DocumentId,
+    payload: DocumentPatch,
+    tenant: TenantId,
+    session: DbSession,
 ) -> DocumentOut:
     """Change some of a document's title, body and tags.
 
@@ -230,7 +255,7 @@ async def update_document(
 
     Raises:
         InvalidInput: the patch names no field.
-        Forbidden: the caller is a viewer.
+        Forbidden: the caller lacks ``documents:write``.
         NotFound: no document of the caller's tenant has this id.
     """
     key = _document_id(document_id)
@@ -243,8 +268,8 @@ async def update_document(
     # One UPDATE ... RETURNING: the version is incremented by the database, so two
     # concurrent patches both count and neither reads a stale version.
     statement = (
-        update(Document)
-        .where(Document.id == key, Document.tenant_id == caller.tenant_id)
+        scoped(update(Document), Document, tenant)
+        .where(Document.id == key)
         .values(**changes, version=Document.version + 1, updated_at=utc_now())
         .returning(Document)
         .execution_options(synchronize_session=False)
@@ -260,22 +285,21 @@ async def update_document(
     "/{document_id}",
     status_code=204,
     summary="Delete a document",
+    dependencies=_WRITER,
     responses=problem_responses(
         ErrorCode.UNAUTHENTICATED, ErrorCode.FORBIDDEN, ErrorCode.NOT_FOUND
     ),
 )
-async def delete_document(document_id: DocumentId, caller: Writer, session: DbSession) -> None:
+async def delete_document(document_id: DocumentId, tenant: TenantId, session: DbSession) -> None:
     """Delete a document for good.
 
     Raises:
-        Forbidden: the caller is a viewer.
+        Forbidden: the caller lacks ``documents:write``.
         NotFound: no document of the caller's tenant has this id.
     """
     key = _document_id(document_id)
     deleted = await session.scalar(
-        delete(Document)
-        .where(Document.id == key, Document.tenant_id == caller.tenant_id)
-        .returning(Document.id)
+        scoped(delete(Document), Document, tenant).where(Document.id == key).returning(Document.id)
     )
     if deleted is None:
         raise NotFound("No such document.")

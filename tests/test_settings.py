@@ -185,6 +185,13 @@ class TestInvalidSettings:
         with pytest.raises(ConfigurationError, match=r"^invalid setting BASTION_SERVER__PORT: "):
             load_settings(server={"port": 70000})
 
+    @pytest.mark.parametrize("name", ["uuid", "urn", "Okta", "has space"])
+    def test_oidc_provider_names_that_could_pass_for_a_user_id_are_refused(self, name):
+        """A provider name prefixes its subjects; "uuid:" or "urn:" would parse as a UUID."""
+        provider = {"issuer": "https://idp.example", "audience": "api"}
+        with pytest.raises(ConfigurationError, match="reserved"):
+            load_settings(identity={"oidc": {name: provider}})
+
     def test_malformed_section_json_names_the_section(self, monkeypatch):
         """A whole section given as broken JSON names that section's variable."""
         monkeypatch.setenv("BASTION_HEALTH", "{not json")

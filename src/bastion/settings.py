@@ -560,6 +560,9 @@ class AuthorizationSettings(_Section):
     """With ``verify_every_request`` off, seconds a local value is trusted unchecked."""
 
 
+_PROVIDER_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+
+
 class ApiKeySettings(_Section):
     """API keys: their server secret, form and caching."""
 
@@ -729,6 +732,14 @@ class IdentitySettings(SharedStateSection):
         for field_name in ("owner_role", "invite_role"):
             if getattr(self, field_name) not in self.roles:
                 raise ValueError(f"{field_name}: {getattr(self, field_name)!r} is not in roles")
+        for name in self.oidc:
+            # The name prefixes the issuer's subjects ("okta:<sub>"); "uuid:" and "urn:"
+            # are prefixes uuid.UUID() strips, which would let a subject read as a user id.
+            if not _PROVIDER_NAME.fullmatch(name) or name in {"uuid", "urn"}:
+                raise ValueError(
+                    f"oidc: provider name {name!r}: use 1 to 32 lowercase letters, digits, "
+                    "'_' or '-', starting with a letter; 'uuid' and 'urn' are reserved"
+                )
         return self
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import uuid
 from collections.abc import AsyncIterator
@@ -55,6 +56,35 @@ class Service:
         token = self.identity.tokens.issue(str(user.id), tid, []).token
         return {"Authorization": f"Bearer {token}"}
 
+    async def key(self, user: UserRecord, tenant: TenantRecord, scopes: list[str]) -> dict:
+        """Make an API key as ``user`` over HTTP; return its creation answer."""
+        response = await self.client.post(
+            "/v1/api-keys",
+            json={"name": "k", "scopes": scopes},
+            headers=self.headers(user, tenant),
+        )
+        assert response.status_code == 201, response.text
+        return response.json()
+
+
+def bearer(secret: str) -> dict[str, str]:
+    """The Authorization header of an access token or an API key."""
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def oidc_settings(issuer_url: str) -> dict[str, Any]:
+    """An ``identity.oidc`` entry trusting ``issuer_url``: tenant from ``tenant``, roles mapped."""
+    return {
+        "oidc": {
+            "external": {
+                "issuer": issuer_url,
+                "audience": "bastion",
+                "tenant_claim": "tenant",
+                "roles_claim": "roles",
+            }
+        }
+    }
+
 
 @asynccontextmanager
 async def running(database_url: str, **overrides: Any) -> AsyncIterator[Service]:
@@ -72,3 +102,13 @@ async def running(database_url: str, **overrides: Any) -> AsyncIterator[Service]
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             yield Service(app, client)
+
+
+def unprefixed_subjects(service: Service) -> None:
+    """Make the configured issuers keep ``sub`` as sent, as a hand-built ``ClaimMapping`` does.
+
+    Settings-built issuers prefix subjects with their name; an application's own
+    ``OidcProvider`` has no prefix by default, so its subjects can be UUIDs.
+    """
+    for provider in service.identity.oidc.values():
+        provider.mapping = dataclasses.replace(provider.mapping, subject_prefix="")

@@ -6,7 +6,10 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import delete
 from tenancy_support import running
+
+from bastion.identity._tables import memberships
 
 
 @pytest.fixture
@@ -107,6 +110,27 @@ class TestCreate:
         await service.join(tenant, viewer, "viewer")
         response = await service.client.get("/v1/api-keys", headers=service.headers(viewer, tenant))
         assert 403 == response.status_code
+
+    async def test_the_membership_row_decides_not_a_stale_cache(self, service):
+        """Creation re-reads the membership under the tenant lock: a stale cache grants nothing."""
+        _, tenant, _ = await _admin(service)
+        admin = await service.user()
+        await service.join(tenant, admin, "admin")
+        headers = service.headers(admin, tenant)
+        # Loads the admin's permissions into the cache...
+        assert 200 == (await service.client.get("/v1/api-keys", headers=headers)).status_code
+        # ...then the membership goes without the cache hearing of it (another
+        # instance's removal whose invalidation has not arrived yet).
+        async with service.identity.database.session() as session:
+            await session.execute(
+                delete(memberships).where(
+                    memberships.c.tenant_id == tenant.id, memberships.c.user_id == admin.id
+                )
+            )
+        made = await service.client.post(
+            "/v1/api-keys", json={"name": "late", "scopes": ["tenant:read"]}, headers=headers
+        )
+        assert 403 == made.status_code
 
 
 class TestRevoke:

@@ -8,7 +8,7 @@ import uuid
 import pytest
 import redis.asyncio
 from sqlalchemy import delete, select
-from tenancy_support import running
+from tenancy_support import bearer, running
 
 from bastion.identity._api_key_store import ApiKeyStore, deny_list_entry
 from bastion.identity._deny_list import RedisDenyList
@@ -193,3 +193,27 @@ class TestRehash:
         await store.rehash(record, record.hash)
         await store.aclose()
         assert record.hash == (await store.get(record.public_id)).hash
+
+
+class TestMemberRemovalAcrossInstances:
+    async def test_a_removed_members_key_is_refused_by_every_instance(
+        self, database_url, redis_url, redis_prefix
+    ):
+        """Removed on one instance, the member's key cached by another is refused there (401)."""
+        shared = {"redis": {"url": redis_url, "key_prefix": redis_prefix}}
+        async with (
+            running(database_url, **shared) as first,
+            running(database_url, **shared) as second,
+        ):
+            owner, admin = await first.user(), await first.user()
+            tenant = await first.tenant(owner)
+            await first.join(tenant, admin, "admin")
+            key = await first.key(admin, tenant, ["tenant:read"])
+            path = f"/v1/tenants/{tenant.id}"
+            # The second instance now serves the key's record from its cache.
+            assert 200 == (await second.client.get(path, headers=bearer(key["key"]))).status_code
+            removed = await first.client.delete(
+                f"{path}/members/{admin.id}", headers=first.headers(owner, tenant)
+            )
+            after = await second.client.get(path, headers=bearer(key["key"]))
+            assert (204, 401) == (removed.status_code, after.status_code)

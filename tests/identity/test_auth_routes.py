@@ -110,7 +110,12 @@ class TestSignup:
         assert 403 == refused.status_code
         assert "email_not_verified" == refused.json()["reason"]
         verified = await client.post("/v1/auth/verify-email", json={"token": link_token(mail.text)})
-        assert {"email_verified": True} == verified.json()
+        assert 200 == verified.status_code, verified.text
+        # The tenant waited for the proof of the address: it is created by the verification.
+        assert (True, None) == (verified.json()["email_verified"], verified.json()["reason"])
+        assert {"slug": slug, "name": "Acme", "role": "owner"} == {
+            key: verified.json()["tenant"][key] for key in ("slug", "name", "role")
+        }
         response = await login(client, email)
         assert 200 == response.status_code, response.text
         assert "no-store" == response.headers["cache-control"]
@@ -165,15 +170,16 @@ class TestSignup:
         await client.post("/v1/auth/signup", json={"email": email, "password": PASSWORD})
         old = link_token(identity.mail.last(purpose="verification", to=email).text)
         again = await client.post(
-            "/v1/auth/signup", json={"email": email, "password": "another passphrase entirely"}
+            "/v1/auth/signup", json={"email": email, "password": NEW_PASSWORD}
         )
         assert 202 == again.status_code
         new = link_token(identity.mail.last(purpose="verification", to=email).text)
         assert old != new
         assert 401 == (await client.post("/v1/auth/verify-email", json={"token": old})).status_code
         assert 200 == (await client.post("/v1/auth/verify-email", json={"token": new})).status_code
-        # The second sign-up did not change the password.
-        assert 200 == (await login(client, email)).status_code
+        # The followed link carried the second sign-up's password: that one counts now.
+        assert 401 == (await login(client, email)).status_code
+        assert 200 == (await login(client, email, NEW_PASSWORD)).status_code
 
     async def test_concurrent_signups_for_one_address_make_one_account(self, client, identity):
         """Two sign-ups racing for one address both answer 202; one account exists."""
@@ -202,20 +208,21 @@ class TestSignup:
         assert {"too_short", "common"} <= {error["code"] for error in body["errors"]}
         assert "password123" not in response.text
 
-    async def test_taken_tenant_slug_is_a_conflict(self, client, identity):
-        """A slug in use answers 409, whether or not the address has an account."""
+    async def test_a_taken_tenant_slug_does_not_change_the_answer(self, client, identity):
+        """A slug in use is no 409 at sign-up: 202, and the verification says slug_taken."""
         slug = unique_slug()
         await signup_verified(client, identity, tenant={"name": "A", "slug": slug})
+        email = unique_email()
         response = await client.post(
             "/v1/auth/signup",
-            json={
-                "email": unique_email(),
-                "password": PASSWORD,
-                "tenant": {"name": "B", "slug": slug},
-            },
+            json={"email": email, "password": PASSWORD, "tenant": {"name": "B", "slug": slug}},
         )
-        assert 409 == response.status_code
-        assert "slug_taken" == response.json()["reason"]
+        assert 202 == response.status_code, response.text
+        token = link_token(identity.mail.last(purpose="verification", to=email).text)
+        verified = await client.post("/v1/auth/verify-email", json={"token": token})
+        assert 200 == verified.status_code
+        assert {"email_verified": True, "tenant": None, "reason": "slug_taken"} == verified.json()
+        assert 200 == (await login(client, email)).status_code
 
     @pytest.mark.parametrize(
         "body",

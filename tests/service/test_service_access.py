@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 from bastion.identity import Roles
@@ -132,6 +134,20 @@ class TestTrustedService:
             created.json()["created_by_api_key"],
         )
         assert [created.json()["id"]] == [item["id"] for item in listed.json()["items"]]
+
+    async def test_a_tenant_that_does_not_exist_is_refused(self, service, database_url):
+        """A trusted caller naming no tenant of this service gets 403, not a database 500."""
+        app = service(
+            database_url,
+            tenancy={"trusted_header": "X-Tenant-Id", "trusted_networks": ["127.0.0.1/32"]},
+        )
+        async with lifespan_client(app) as client:
+            created = await client.post(
+                "/v1/documents",
+                json={"title": "Nowhere"},
+                headers={"X-Tenant-Id": str(uuid.uuid4())},
+            )
+        assert (403, "FORBIDDEN") == (created.status_code, created.json()["code"])
 
 
 class TestServiceRoles:

@@ -3,10 +3,14 @@ role changes, API keys. Mail is read from the app's logging sender, as a develop
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import secrets
+import uuid
 
-from bastion.testing import TestMember
+import pytest
+
+from bastion.testing import LocalOidcIssuer, TestMember, create_member, lifespan_client
 
 PASSWORD = "quiet-lantern-harbour-58"
 PROBLEM = "application/problem+json"
@@ -195,3 +199,92 @@ class TestApiKeys:
         after = await client.get("/v1/documents", headers=bearer(key["key"]))
         assert (204, 401) == (revoked.status_code, after.status_code)
         assert PROBLEM == after.headers["content-type"]
+
+
+class TestMemberKeysEndWithTheMembership:
+    async def _key(self, client, member: TestMember, scopes: list[str]) -> str:
+        response = await client.post(
+            "/v1/api-keys", json={"name": "automation", "scopes": scopes}, headers=member.headers
+        )
+        assert 201 == response.status_code, response.text
+        return response.json()["key"]
+
+    async def test_a_removed_admins_documents_key_is_refused_at_once(
+        self, client, workspace, add_member
+    ):
+        """An admin's documents key stops working (401) the moment the admin is removed."""
+        admin: TestMember = await add_member(workspace, "admin")
+        key = await self._key(client, admin, ["documents:read", "documents:write"])
+        before = await client.post("/v1/documents", json={"title": "x"}, headers=bearer(key))
+        removed = await client.delete(
+            f"/v1/tenants/{workspace.id}/members/{admin.user_id}",
+            headers=workspace.owner.headers,
+        )
+        read = await client.get("/v1/documents", headers=bearer(key))
+        write = await client.post("/v1/documents", json={"title": "y"}, headers=bearer(key))
+        assert (201, 204, 401, 401) == (
+            before.status_code,
+            removed.status_code,
+            read.status_code,
+            write.status_code,
+        )
+
+    async def test_a_demoted_admin_keeps_only_the_keys_its_new_role_covers(
+        self, client, workspace, add_member
+    ):
+        """Demoted to viewer, an admin's writing key is revoked; its reading key still reads."""
+        admin: TestMember = await add_member(workspace, "admin")
+        writer = await self._key(client, admin, ["documents:write"])
+        reader = await self._key(client, admin, ["documents:read"])
+        demoted = await client.patch(
+            f"/v1/tenants/{workspace.id}/members/{admin.user_id}",
+            json={"role": "viewer"},
+            headers=workspace.owner.headers,
+        )
+        write = await client.post("/v1/documents", json={"title": "x"}, headers=bearer(writer))
+        read = await client.get("/v1/documents", headers=bearer(reader))
+        assert (200, 401, 200) == (demoted.status_code, write.status_code, read.status_code)
+
+
+@pytest.fixture
+def oidc_issuer():
+    with LocalOidcIssuer() as issuer:
+        yield issuer
+
+
+class TestExternalAccounts:
+    async def test_an_external_users_document_has_no_local_author(
+        self, service, database_url, oidc_issuer
+    ):
+        """An OIDC user writes unattributed (201), as a trusted service does, whatever its sub."""
+        oidc = {
+            "external": {
+                "issuer": oidc_issuer.url,
+                "audience": "bastion",
+                "tenant_claim": "tenant",
+                "roles_claim": "roles",
+            }
+        }
+        passwords = {"time_cost": 1, "memory_cost": 8}
+        app = service(database_url, identity={"passwords": passwords, "oidc": oidc})
+        async with lifespan_client(app) as client:
+            owner = await create_member(
+                app,
+                tenant_slug=f"t-{secrets.token_hex(6)}",
+                email=unique_email("owner"),
+                role="owner",
+            )
+            # An application's own OidcProvider keeps subjects as sent (no name prefix),
+            # so an issuer's sub can be a UUID, even a local user's id.
+            for provider in app.state.bastion.identity.oidc.values():
+                provider.mapping = dataclasses.replace(provider.mapping, subject_prefix="")
+            for subject in (str(owner.user_id), str(uuid.uuid4())):
+                token = oidc_issuer.mint(subject, tenant=str(owner.tenant_id), roles=["member"])
+                created = await client.post(
+                    "/v1/documents", json={"title": "From outside"}, headers=bearer(token)
+                )
+                assert 201 == created.status_code, created.text
+                assert (None, None) == (
+                    created.json()["created_by"],
+                    created.json()["created_by_api_key"],
+                )

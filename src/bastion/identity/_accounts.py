@@ -77,7 +77,9 @@ __all__ = [
     "SqlOneTimeTokenStore",
     "consume_one_time",
     "discard_one_time",
+    "forget_one_time_data",
     "issue_one_time",
+    "one_time_token_superseded",
     "one_time_token_valid",
     "refresh_token_hash",
 ]
@@ -99,6 +101,7 @@ class RevocationReason(enum.StrEnum):
     PASSWORD_CHANGE = "password_change"  # noqa: S105 - a reason's name, not a password
     PASSWORD_RESET = "password_reset"  # noqa: S105 - a reason's name, not a password
     MEMBERSHIP_REMOVED = "membership_removed"
+    EMAIL_VERIFIED = "email_verified"
 
 
 class InvalidRefreshToken(Unauthenticated):
@@ -644,6 +647,51 @@ async def discard_one_time(
         TypeError: ``tokens`` is not on a :class:`SqlOneTimeTokenStore`.
     """
     return await _sql_store(tokens).discard(purpose, subject, session=session)
+
+
+async def forget_one_time_data(
+    tokens: OneTimeTokens, session: AsyncSession, record: OneTimeTokenRecord
+) -> None:
+    """Empty a consumed token's ``data`` inside the caller's transaction.
+
+    Used rows stay in the table (who used which link, when), but what their
+    data carried has been applied by then: a verification token's password
+    hash must not outlive the link in a second place.
+
+    Raises:
+        TypeError: ``tokens`` is not on a :class:`SqlOneTimeTokenStore`.
+    """
+    _sql_store(tokens)
+    await session.execute(
+        update(one_time_tokens).where(one_time_tokens.c.id == uuid.UUID(record.id)).values(data={})
+    )
+
+
+async def one_time_token_superseded(
+    tokens: OneTimeTokens, session: AsyncSession, record: OneTimeTokenRecord
+) -> bool:
+    """Whether a newer token of ``record``'s purpose and subject exists, used or not.
+
+    Issuing deletes the older unused tokens, but two issues racing may both
+    survive (each deletes before the other inserts): a consumer for which only
+    the newest link may count (a verification link carrying a password) asks
+    this in its transaction and refuses an older one.
+
+    Raises:
+        TypeError: ``tokens`` is not on a :class:`SqlOneTimeTokenStore`.
+    """
+    _sql_store(tokens)
+    table = one_time_tokens
+    newer = await session.scalar(
+        select(table.c.id)
+        .where(
+            table.c.purpose == record.purpose.value,
+            table.c.subject == record.subject,
+            table.c.created_at > record.created_at,
+        )
+        .limit(1)
+    )
+    return newer is not None
 
 
 async def one_time_token_valid(

@@ -2,27 +2,36 @@
 
 Every route needs ``api_keys:manage`` and acts on the caller's tenant only
 (:func:`~bastion.tenancy.scoped`): another tenant's key id answers 404. A key
-is made by a user, never by another key, and carries only scopes its creator
-holds (no escalation); the whole key is in the creation answer and nowhere
-else. Revoking sets ``revoked_at``, drops this instance's cached record and,
-with Redis, puts the key's id on the deny list until every other instance's
+is made by a user of this service who is a member of the tenant (never by
+another key, a service or an external issuer's account), and carries only
+scopes its creator holds (no escalation); the whole key is in the creation
+answer and nowhere else. A key lives no longer than its creator's authority:
+removing the member revokes its keys, and a role change revokes those whose
+scopes the new role does not grant (see :mod:`bastion.identity._tenant_routes`).
+Revoking sets ``revoked_at``, drops this instance's cached record and, with
+Redis, puts the key's id on the deny list until every other instance's
 cached copy has expired, so every instance refuses the key at once.
 """
 
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any, Final
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
 from bastion.data.types import utc_now
 from bastion.errors import Conflict, FieldError, Forbidden, InvalidInput, NotFound
-from bastion.identity._api_key_store import deny_list_entry, record_from_row
+from bastion.identity._api_key_store import (
+    announce_revoked,
+    record_from_row,
+    revoke_api_keys,
+)
 from bastion.identity._api_keys import ApiKeyRecord
+from bastion.identity._directory import membership_role
 from bastion.identity._events import SecurityEventKind, emit_security_event
 from bastion.identity._principal import Principal
 from bastion.identity._rbac import grants, require
@@ -119,7 +128,10 @@ def api_keys_router() -> APIRouter:  # noqa: PLR0915 -- one closure per route, r
         identity = _identity(request)
         creator = local_user_id(principal)
         if creator is None:
-            raise Forbidden("API keys are made by users of this service, not by other keys.")
+            raise Forbidden(
+                "API keys are made by users of this service: not by other keys, services"
+                " or accounts of an external identity provider."
+            )
         held = await identity.authorizer.permissions(principal)
         if not all(grants(held, scope) for scope in body.scopes):
             # Which scope is missing would tell the caller about permissions it lacks.
@@ -144,6 +156,16 @@ def api_keys_router() -> APIRouter:  # noqa: PLR0915 -- one closure per route, r
             await session.execute(
                 select(tenants.c.id).where(tenants.c.id == tenant).with_for_update()
             )
+            # Checked again under the lock, from the membership itself: a removal or
+            # demotion (which takes the same lock) cannot slip in between the check
+            # and the insert, and a token naming a user or tenant that is no row
+            # here is refused rather than failing on a foreign key.
+            role = await membership_role(session, creator, tenant)
+            if role is None:
+                raise Forbidden("Only a member of this tenant can make its API keys.")
+            held = identity.roles.permissions_for([role])
+            if not all(grants(held, scope) for scope in body.scopes):
+                raise Forbidden("A key can carry only scopes its creator holds.")
             live = await session.scalar(
                 scoped(select(func.count()).select_from(api_keys), api_keys, tenant).where(
                     api_keys.c.revoked_at.is_(None)
@@ -230,38 +252,17 @@ def api_keys_router() -> APIRouter:  # noqa: PLR0915 -- one closure per route, r
         identity = _identity(request)
         now = utc_now()
         async with identity.database.session() as session:
-            row = (
-                await session.execute(
-                    update(api_keys)
-                    .where(
-                        api_keys.c.tenant_id == tenant,  # scoped() takes selects only
-                        api_keys.c.id == key_id,
-                        api_keys.c.revoked_at.is_(None),
-                    )
-                    .values(revoked_at=now)
-                    .returning(api_keys.c.public_id, api_keys.c.expires_at, api_keys.c.prefix)
-                )
-            ).one_or_none()
-        if row is None:
+            revoked = await revoke_api_keys(
+                session,
+                api_keys.c.tenant_id == tenant,  # scoped() takes selects only
+                api_keys.c.id == key_id,
+                now=now,
+            )
+        if not revoked:
             # Already revoked answers as a revocation; another tenant's id as nothing.
             await _find(identity, tenant, key_id)
             return Response(status_code=status.HTTP_204_NO_CONTENT)
-        store = identity.api_key_store
-        if store is not None:
-            store.forget(row.public_id)
-        if identity.deny_list is not None:
-            # Other instances may serve their cached copy for up to cache_ttl: deny
-            # the key until that has run out (or the key expires, if sooner).
-            ttl = identity.settings.identity.api_keys.cache_ttl
-            until = now + timedelta(seconds=ttl + 1)
-            if row.expires_at is not None:
-                until = min(until, row.expires_at)
-            await identity.deny_list.revoke(deny_list_entry(str(key_id)), until.timestamp())
-        await emit_security_event(
-            SecurityEventKind.API_KEY_REVOKED,
-            subject=str(key_id),
-            details={"key_prefix": row.prefix},
-        )
+        await announce_revoked(identity, revoked, now)
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
     return router

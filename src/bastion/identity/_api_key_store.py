@@ -17,6 +17,12 @@ concurrent callers); a record read from the database needs no check, since its
 ``revoked_at`` is current. Without Redis (no deny list) another instance may
 accept a revoked key for at most ``ttl`` seconds (documented).
 
+Revoking is two steps, shared by ``DELETE /api-keys/{id}`` and the member routes
+(a removed member's keys, a demoted member's keys beyond its new role): inside
+the caller's transaction :func:`revoke_api_keys` sets ``revoked_at``; after the
+commit :func:`announce_revoked` drops the cached records, writes the deny list
+and emits ``api_key_revoked``.
+
 ``last_used_at`` is written in the background (:meth:`ApiKeyStore.touch`), at
 most once per ``touch_interval`` per key and instance, with a conditional
 ``UPDATE`` so that instances together write at most about once per interval. A
@@ -29,7 +35,8 @@ import asyncio
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
@@ -37,18 +44,26 @@ import structlog
 from sqlalchemy import or_, select, update
 
 from bastion.identity._api_keys import ApiKeyRecord, ApiKeys, LastUsedPolicy
+from bastion.identity._events import SecurityEventKind, emit_security_event
 from bastion.identity._tables import api_keys as api_keys_table
 
 if TYPE_CHECKING:
+    from sqlalchemy import ColumnElement
+    from sqlalchemy.ext.asyncio import AsyncSession
+
     from bastion.data import Database
     from bastion.identity._deny_list import RedisDenyList
+    from bastion.identity._runtime import Identity
 
 __all__ = [
     "DEFAULT_NEGATIVE_TTL",
     "DEFAULT_STORE_SIZE",
     "ApiKeyStore",
+    "RevokedApiKey",
+    "announce_revoked",
     "deny_list_entry",
     "record_from_row",
+    "revoke_api_keys",
 ]
 
 logger = structlog.get_logger("bastion.identity")
@@ -80,6 +95,74 @@ def record_from_row(row: Any) -> ApiKeyRecord:
         revoked_at=row.revoked_at,
         created_by=str(row.created_by) if row.created_by is not None else None,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class RevokedApiKey:
+    """A key :func:`revoke_api_keys` just revoked: what :func:`announce_revoked` needs."""
+
+    id: str
+    public_id: str
+    prefix: str
+    expires_at: datetime | None
+
+
+async def revoke_api_keys(
+    session: AsyncSession, *where: ColumnElement[bool], now: datetime
+) -> list[RevokedApiKey]:
+    """Set ``revoked_at`` on the live keys matching ``where``, in the caller's transaction.
+
+    Keys revoked already are left as they are. After the commit, pass the result to
+    :func:`announce_revoked`: until then other instances may still serve cached copies.
+
+    Returns:
+        The keys revoked by this call.
+    """
+    rows = await session.execute(
+        update(api_keys_table)
+        .where(api_keys_table.c.revoked_at.is_(None), *where)
+        .values(revoked_at=now)
+        .returning(
+            api_keys_table.c.id,
+            api_keys_table.c.public_id,
+            api_keys_table.c.prefix,
+            api_keys_table.c.expires_at,
+        )
+    )
+    return [RevokedApiKey(str(row.id), row.public_id, row.prefix, row.expires_at) for row in rows]
+
+
+async def announce_revoked(
+    identity: Identity,
+    revoked: Iterable[RevokedApiKey],
+    now: datetime,
+    *,
+    reason: str | None = None,
+) -> None:
+    """Make committed revocations take effect everywhere, and record them.
+
+    Drops this instance's cached records, puts each key on the deny list (with
+    Redis) and emits ``api_key_revoked`` (with ``reason`` when given).
+
+    Raises:
+        ServiceUnavailable: the deny list cannot be written and fails closed.
+    """
+    store = identity.api_key_store
+    ttl = identity.settings.identity.api_keys.cache_ttl
+    for key in revoked:
+        if store is not None:
+            store.forget(key.public_id)
+        if identity.deny_list is not None:
+            # Other instances may serve their cached copy for up to cache_ttl: deny
+            # the key until that has run out (or the key expires, if sooner).
+            until = now + timedelta(seconds=ttl + 1)
+            if key.expires_at is not None:
+                until = min(until, key.expires_at)
+            await identity.deny_list.revoke(deny_list_entry(key.id), until.timestamp())
+        details = {"key_prefix": key.prefix} | ({"reason": reason} if reason else {})
+        await emit_security_event(
+            SecurityEventKind.API_KEY_REVOKED, subject=key.id, details=details
+        )
 
 
 class ApiKeyStore:

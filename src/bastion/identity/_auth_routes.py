@@ -3,9 +3,10 @@
 Every answer that could tell whether an address has an account is the same
 either way: sign-up and reset requests answer 202 with one body, and a login
 for an unknown address spends a password verification (``verify_dummy``) and
-fails like a wrong password. Mail is sent after the response (a background
-task), so a slow SMTP server neither shows in the timing nor fails the request;
-a failed delivery is logged with its purpose only.
+fails like a wrong password. The account work of a sign-up (without
+invitation) and of a reset request runs after the response, with its mail (a
+background task), so neither the database work nor a slow SMTP server shows
+in the timing or fails the request; a failure is logged without the address.
 
 Login and refresh answer the OAuth 2.0 token response (RFC 6749 5.1, with
 ``Cache-Control: no-store``) plus the tenant the access token acts for. A
@@ -19,9 +20,10 @@ Errors::
                           invalid single-use link
     403 FORBIDDEN         e-mail not verified (only after the password matched),
                           not a member of the named tenant, sign-up closed or invite-only,
-                          wrong current password
+                          wrong current password, an external issuer's user on a route
+                          that needs an account here
     409 CONFLICT          login without a tenant for a user of several (lists them);
-                          a taken tenant slug at sign-up
+                          a taken tenant slug at sign-up with an invitation
     422 INVALID_INPUT     malformed body, password policy
     429 RATE_LIMITED / ACCOUNT_LOCKED   the login throttle
     503 SERVICE_UNAVAILABLE             the password hashing pool is full
@@ -57,7 +59,9 @@ from bastion.identity._accounts import (
     RevocationReason,
     consume_one_time,
     discard_one_time,
+    forget_one_time_data,
     issue_one_time,
+    one_time_token_superseded,
     one_time_token_valid,
 )
 from bastion.identity._directory import (
@@ -229,9 +233,16 @@ class AcceptedAnswer(BaseModel):
 
 
 class EmailVerifiedAnswer(BaseModel):
-    """``POST /auth/verify-email``."""
+    """``POST /auth/verify-email``.
+
+    ``tenant`` is the tenant the sign-up named, created now with the user as
+    owner; ``null`` when none was named, or when its slug was taken meanwhile
+    (then ``reason`` is ``"slug_taken"``: the address is verified all the same).
+    """
 
     email_verified: Literal[True] = True
+    tenant: TenantSummary | None = None
+    reason: Literal["slug_taken"] | None = None
 
 
 class MeAnswer(BaseModel):
@@ -290,6 +301,15 @@ def _user_id(principal: Principal) -> uuid.UUID:
     """The caller's account id; API keys, services and external issuers' users have none here."""
     if principal.kind != "user":
         raise Forbidden("Only a signed-in user can do this; an API key cannot.")
+    if principal.issuer is not None:
+        # Checked before the subject is parsed: an external issuer's subject may look
+        # like one of our user ids (an application's own OidcProvider keeps subjects
+        # unprefixed), and it must never act as that account.
+        raise Forbidden(
+            "A user signed in through an external identity provider has no account here;"
+            " sign in with this service's own login to do this.",
+            extra={"reason": "external_identity"},
+        )
     try:
         return uuid.UUID(principal.subject)
     except ValueError:
@@ -470,6 +490,27 @@ async def _membership_for(
 
 # -- sign-up ---------------------------------------------------------------------------
 
+_Events = list[tuple[SecurityEventKind, str, str | None]]
+
+
+def _pending_data(
+    payload: SignupRequest, email: str, password_hash: str | None
+) -> dict[str, object]:
+    """What a verification token carries, applied when its link is followed.
+
+    ``password_hash`` and ``display_name`` are set only for an existing
+    unverified account (a new one has them in its row already): the password
+    that counts is the one of the sign-up whose link reached the mailbox, so an
+    earlier sign-up by someone else cannot keep its password on the account.
+    """
+    data: dict[str, object] = {}
+    if password_hash is not None:
+        data["password_hash"] = password_hash
+        data["display_name"] = (payload.display_name or email.partition("@")[0])[:NAME_MAX]
+    if payload.tenant is not None:
+        data["tenant"] = {"name": payload.tenant.name, "slug": payload.tenant.slug}
+    return data
+
 
 async def _signup_unit(
     session: AsyncSession,
@@ -477,14 +518,23 @@ async def _signup_unit(
     payload: SignupRequest,
     email: str,
     password_hash: str,
-) -> tuple[OutgoingMail | None, list[tuple[SecurityEventKind, str, str | None]]]:
-    """Create the account (or re-send an unverified account's link); return the mail and events."""
-    events: list[tuple[SecurityEventKind, str, str | None]] = []
-    if payload.tenant is not None and await find_tenant(session, payload.tenant.slug) is not None:
-        # Checked before the address, so this answer does not depend on whether it has an account.
+) -> tuple[OutgoingMail | None, _Events]:
+    """Create the account (or re-send an unverified account's link); return the mail and events.
+
+    Without an invitation no tenant is made here: it waits in the verification
+    token until the address is proven (a tenant made now for new addresses only
+    would tell, through its slug, which addresses have accounts).
+    """
+    events: _Events = []
+    invitation: OneTimeTokenRecord | None = None
+    # Only an invitation's holder gets a 409; checked before the address all the same.
+    if (
+        payload.invitation is not None
+        and payload.tenant is not None
+        and await find_tenant(session, payload.tenant.slug) is not None
+    ):
         raise Conflict("That tenant slug is taken.", extra={"reason": "slug_taken"})
     existing = await find_user_by_email(session, email)
-    invitation: OneTimeTokenRecord | None = None
     if payload.invitation is not None:
         if existing is None:
             invitation = await consume_one_time(
@@ -502,7 +552,11 @@ async def _signup_unit(
         if existing.email_verified_at is not None or existing.disabled_at is not None:
             return None, events
         issued = await issue_one_time(
-            identity.one_time, session, TokenPurpose.EMAIL_VERIFICATION, str(existing.id)
+            identity.one_time,
+            session,
+            TokenPurpose.EMAIL_VERIFICATION,
+            str(existing.id),
+            data=_pending_data(payload, email, password_hash),
         )
         return _verification_mail(identity, existing.email, issued.token), events
     user = await create_user(
@@ -514,58 +568,41 @@ async def _signup_unit(
         verified=invitation is not None,
     )
     events.append((SecurityEventKind.SIGNUP, str(user.id), None))
-    if payload.tenant is not None:
-        tenant = await create_tenant(session, payload.tenant.name, payload.tenant.slug)
-        await add_membership(session, tenant.id, user.id, identity.settings.identity.owner_role)
-        events.append((SecurityEventKind.TENANT_CREATED, str(tenant.id), str(tenant.id)))
     if invitation is not None:
+        if payload.tenant is not None:
+            tenant = await create_tenant(session, payload.tenant.name, payload.tenant.slug)
+            await add_membership(session, tenant.id, user.id, identity.settings.identity.owner_role)
+            events.append((SecurityEventKind.TENANT_CREATED, str(tenant.id), str(tenant.id)))
         accepted = await accept_invitation(session, identity, invitation, user.id)
         events.append((SecurityEventKind.MEMBER_JOINED, str(user.id), str(accepted.tenant_id)))
         return None, events
     issued = await issue_one_time(
-        identity.one_time, session, TokenPurpose.EMAIL_VERIFICATION, str(user.id)
+        identity.one_time,
+        session,
+        TokenPurpose.EMAIL_VERIFICATION,
+        str(user.id),
+        data=_pending_data(payload, email, None),
     )
     return _verification_mail(identity, user.email, issued.token), events
 
 
 async def _signup_with_retry(
     identity: Identity, payload: SignupRequest, email: str, password_hash: str
-) -> tuple[OutgoingMail | None, list[tuple[SecurityEventKind, str, str | None]]]:
+) -> tuple[OutgoingMail | None, _Events]:
     for _ in range(_SIGNUP_ATTEMPTS - 1):
         try:
             async with identity.database.session() as session:
                 return await _signup_unit(session, identity, payload, email, password_hash)
         except IntegrityError:
-            # A concurrent sign-up took the address or the slug between our check and
-            # our insert; the next pass sees it and answers as for a taken one.
+            # A concurrent sign-up took the address (or, with an invitation, the slug)
+            # between our check and our insert; the next pass sees it and answers as
+            # for a taken one.
             continue
     async with identity.database.session() as session:
         return await _signup_unit(session, identity, payload, email, password_hash)
 
 
-async def signup(
-    payload: SignupRequest, identity: IdentityDep, background: BackgroundTasks
-) -> AcceptedAnswer:
-    """Create an account and mail a verification link; 202 whether or not the address is taken.
-
-    - ``identity.signup``: ``closed`` answers 403; ``invite_only`` needs
-      ``invitation``, a single-use invitation token sent to this address.
-    - A new address gets an account (and the tenant named in ``tenant``, with
-      the new user as owner) and a verification link; with an invitation the
-      address counts as verified and the user joins the invitation's tenant.
-    - An existing unverified account gets a fresh link (the old one stops
-      working); an existing verified account gets nothing. The answer is the
-      same in every case, and the password is hashed in every case.
-    """
-    mode = identity.settings.identity.signup
-    if mode == "closed":
-        raise Forbidden("Sign-up is closed.", extra={"reason": "signup_closed"})
-    if mode == "invite_only" and payload.invitation is None:
-        raise Forbidden("Sign-up needs an invitation.", extra={"reason": "invitation_required"})
-    email = normalise_email(payload.email)
-    identity.policy.check(payload.password, context=[email, payload.display_name or ""])
-    password_hash = await identity.hasher.hash(payload.password)
-    mail, events = await _signup_with_retry(identity, payload, email, password_hash)
+async def _signup_finish(identity: Identity, events: _Events) -> None:
     for kind, subject, tenant in events:
         if kind is SecurityEventKind.MEMBER_JOINED and tenant is not None:
             await identity.permissions.invalidate_user(subject, tenant)
@@ -575,28 +612,141 @@ async def signup(
             subject=subject,
             tenant=tenant,
         )
+
+
+async def _signup_in_background(
+    identity: Identity, payload: SignupRequest, email: str, password_hash: str
+) -> None:
+    """The database work and the mail of a sign-up without invitation, after the response.
+
+    The client already has its 202, the same for every address, at the same
+    cost: whether the address had an account shows neither in the answer nor
+    in its timing. A failure (the database is down) loses this attempt; it is
+    logged without the address, and the user signs up again.
+    """
+    try:
+        mail, events = await _signup_with_retry(identity, payload, email, password_hash)
+        await _signup_finish(identity, events)
+    except Exception as exc:  # noqa: BLE001 -- logged by class; the client already has its answer
+        logger.warning("identity sign-up not completed", error=type(exc).__name__)
+        return
+    if mail is not None:
+        await _deliver(identity, mail)
+
+
+async def signup(
+    payload: SignupRequest, identity: IdentityDep, background: BackgroundTasks
+) -> AcceptedAnswer:
+    """Create an account and mail a verification link; 202 whether or not the address is taken.
+
+    - ``identity.signup``: ``closed`` answers 403; ``invite_only`` needs
+      ``invitation``, a single-use invitation token sent to this address.
+    - The policy is checked and the password hashed for every request; then,
+      without an invitation, the answer is 202 at once and the account work
+      runs after the response (its outcome must not show in the timing).
+    - A new address gets an account and a verification link; the tenant named
+      in ``tenant`` is created when the link is followed.
+    - An existing unverified account gets a fresh link (the old one stops
+      working) carrying this sign-up's password, name and tenant, applied when
+      it is followed; an existing verified account gets nothing.
+    - With an invitation (checked in the request: an invalid one is 401) a new
+      address counts as verified, joins the invitation's tenant and gets the
+      tenant named in ``tenant`` at once (409 when its slug is taken).
+    """
+    mode = identity.settings.identity.signup
+    if mode == "closed":
+        raise Forbidden("Sign-up is closed.", extra={"reason": "signup_closed"})
+    if mode == "invite_only" and payload.invitation is None:
+        raise Forbidden("Sign-up needs an invitation.", extra={"reason": "invitation_required"})
+    email = normalise_email(payload.email)
+    identity.policy.check(payload.password, context=[email, payload.display_name or ""])
+    password_hash = await identity.hasher.hash(payload.password)
+    if payload.invitation is None:
+        background.add_task(_signup_in_background, identity, payload, email, password_hash)
+        return _SIGNUP_ACCEPTED
+    mail, events = await _signup_with_retry(identity, payload, email, password_hash)
+    await _signup_finish(identity, events)
     if mail is not None:
         background.add_task(_deliver, identity, mail)
     return _SIGNUP_ACCEPTED
 
 
+async def _verify_unit(
+    session: AsyncSession, identity: Identity, presented: str
+) -> tuple[UserRecord, EmailVerifiedAnswer, Membership | None, list[uuid.UUID]]:
+    record = await consume_one_time(
+        identity.one_time, session, TokenPurpose.EMAIL_VERIFICATION, presented
+    )
+    user = await get_user(session, uuid.UUID(record.subject))
+    if user is None or await one_time_token_superseded(identity.one_time, session, record):
+        # Raised, so the transaction rolls back: an older link of two that survived
+        # racing sign-ups must not apply its password over the newer one's.
+        raise InvalidOneTimeToken
+    await forget_one_time_data(identity.one_time, session, record)
+    if user.email_verified_at is not None:
+        # Verified meanwhile (a reset link, say): what this link carried no longer applies.
+        return user, EmailVerifiedAnswer(), None, []
+    now = utc_now()
+    values: dict[str, object] = {"email_verified_at": now}
+    password_hash = record.data.get("password_hash")
+    if isinstance(password_hash, str):
+        values.update(password_hash=password_hash, password_changed_at=now)
+    display_name = record.data.get("display_name")
+    if isinstance(display_name, str) and display_name:
+        values["display_name"] = display_name
+    await session.execute(update(users).where(users.c.id == user.id).values(**values))
+    # No other session may outlive the proof of who holds the mailbox.
+    revoked = await _refresh_tokens(identity).revoke_user(
+        user.id, RevocationReason.EMAIL_VERIFIED, session=session
+    )
+    await discard_one_time(
+        identity.one_time, session, TokenPurpose.EMAIL_VERIFICATION, str(user.id)
+    )
+    wanted = record.data.get("tenant")
+    if not isinstance(wanted, dict):
+        return user, EmailVerifiedAnswer(), None, revoked
+    slug, name = str(wanted.get("slug", "")), str(wanted.get("name", ""))
+    if await find_tenant(session, slug) is not None:
+        return user, EmailVerifiedAnswer(reason="slug_taken"), None, revoked
+    tenant = await create_tenant(session, name, slug)
+    role = identity.settings.identity.owner_role
+    await add_membership(session, tenant.id, user.id, role)
+    membership = Membership(tenant, role)
+    return user, EmailVerifiedAnswer(tenant=_summary(membership)), membership, revoked
+
+
 async def verify_email(payload: VerifyEmailRequest, identity: IdentityDep) -> EmailVerifiedAnswer:
-    """Spend a verification link's token and mark the address verified."""
-    async with identity.database.session() as session:
-        record = await consume_one_time(
-            identity.one_time, session, TokenPurpose.EMAIL_VERIFICATION, payload.token
-        )
-        user = await get_user(session, uuid.UUID(record.subject))
-        if user is None:
-            raise InvalidOneTimeToken
-        if user.email_verified_at is None:
-            await session.execute(
-                update(users).where(users.c.id == user.id).values(email_verified_at=utc_now())
-            )
+    """Spend a verification link's token, mark the address verified and apply what it carries.
+
+    The token's password hash and display name (a sign-up that met an
+    unverified account) replace the account's; every refresh family of the
+    user is revoked; the tenant the sign-up named is created with the user as
+    owner, unless its slug was taken meanwhile: the address is verified all
+    the same and the answer says ``"tenant": null, "reason": "slug_taken"``.
+    """
+    try:
+        async with identity.database.session() as session:
+            outcome = await _verify_unit(session, identity, payload.token)
+    except IntegrityError:
+        # The slug was taken by a concurrent transaction after our look-up: the
+        # rollback left the token unspent, and this pass finds the slug taken.
+        async with identity.database.session() as session:
+            outcome = await _verify_unit(session, identity, payload.token)
+    user, answer, membership, revoked = outcome
+    if revoked:
+        await _revoke_access(identity, user.id, None)
     await emit_security_event(
         SecurityEventKind.EMAIL_VERIFIED, actor=str(user.id), subject=str(user.id)
     )
-    return EmailVerifiedAnswer()
+    if membership is not None:
+        tenant_id = str(membership.tenant.id)
+        await emit_security_event(
+            SecurityEventKind.TENANT_CREATED,
+            actor=str(user.id),
+            subject=tenant_id,
+            tenant=tenant_id,
+        )
+    return answer
 
 
 # -- sessions ----------------------------------------------------------------------------
@@ -814,28 +964,38 @@ async def change_password(
 async def request_password_reset(
     payload: PasswordResetRequest, identity: IdentityDep, background: BackgroundTasks
 ) -> AcceptedAnswer:
-    """Mail a reset link when an account has this address; 202 with one body either way."""
-    email = normalise_email(payload.email)
-    mail: OutgoingMail | None = None
-    user: UserRecord | None = None
-    async with identity.database.session() as session:
-        user = await find_user_by_email(session, email)
-        if user is not None and user.disabled_at is None:
+    """Answer 202 at once; mail a reset link, after the response, when an account has the address.
+
+    The look-up, the token and the mail all run after the response, so neither
+    the answer nor its timing depends on the address.
+    """
+    background.add_task(_reset_in_background, identity, normalise_email(payload.email))
+    return _RESET_ACCEPTED
+
+
+async def _reset_in_background(identity: Identity, email: str) -> None:
+    """Issue and mail a reset link for an active account; failures are logged, never raised."""
+    try:
+        async with identity.database.session() as session:
+            user = await find_user_by_email(session, email)
+            if user is None or user.disabled_at is not None:
+                return
             issued = await issue_one_time(
                 identity.one_time, session, TokenPurpose.PASSWORD_RESET, str(user.id)
             )
-            mail = PASSWORD_RESET_TEMPLATE.render(
-                user.email,
-                link=_mail_link(identity, "/reset-password", issued.token),
-                expires_in=identity.one_time.ttl(TokenPurpose.PASSWORD_RESET),
-                service=_service_name(identity),
-            )
-    if mail is not None and user is not None:
         await emit_security_event(
             SecurityEventKind.PASSWORD_RESET_REQUESTED, actor=None, subject=str(user.id)
         )
-        background.add_task(_deliver, identity, mail)
-    return _RESET_ACCEPTED
+    except Exception as exc:  # noqa: BLE001 -- logged by class; the client already has its answer
+        logger.warning("identity reset request not completed", error=type(exc).__name__)
+        return
+    mail = PASSWORD_RESET_TEMPLATE.render(
+        user.email,
+        link=_mail_link(identity, "/reset-password", issued.token),
+        expires_in=identity.one_time.ttl(TokenPurpose.PASSWORD_RESET),
+        service=_service_name(identity),
+    )
+    await _deliver(identity, mail)
 
 
 async def reset_password(payload: ResetRequest, identity: IdentityDep) -> Response:
@@ -869,6 +1029,11 @@ async def reset_password(payload: ResetRequest, identity: IdentityDep) -> Respon
         )
         revoked = await tokens.revoke_user(
             user.id, RevocationReason.PASSWORD_RESET, session=session
+        )
+        # The address is proven now: a pending verification link (and the password,
+        # name or tenant it carries from a sign-up) must not apply later.
+        await discard_one_time(
+            identity.one_time, session, TokenPurpose.EMAIL_VERIFICATION, str(user.id)
         )
     await _revoke_access(identity, user.id, None)
     await emit_security_event(

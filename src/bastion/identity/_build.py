@@ -322,7 +322,8 @@ def _oidc_provider(name: str, settings: OidcProviderSettings, *, leeway: float) 
             tenant=settings.default_tenant,
             roles_claim=settings.roles_claim,
             role_map=role_map or None,
-            # An issuer's subject can never pass for one of bastion's own user ids.
+            # Keeps an issuer's subjects apart from local user ids in logs and limits;
+            # routes tell external principals by Principal.issuer, not by this.
             subject_prefix=f"{name}:",
         ),
         algorithms=settings.algorithms,

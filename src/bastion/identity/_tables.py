@@ -117,7 +117,7 @@ refresh_families = Table(
     Column("last_used_at", UtcDateTime(), nullable=False),
     Column("expires_at", UtcDateTime(), nullable=False),
     Column("revoked_at", UtcDateTime(), nullable=True),
-    # logout, logout_all, reuse, password_change, password_reset, membership_removed
+    # A bastion.identity._accounts.RevocationReason value (logout, reuse, email_verified...).
     Column("revoked_reason", String(32), nullable=True),
     Index(None, "user_id"),
     Index(None, "tenant_id"),

@@ -13,10 +13,22 @@ could grant, and touches the owner role only with ``members:owners``. A tenant
 always keeps one owner: removing or demoting the last one answers 409
 ``CONFLICT``; on PostgreSQL the owner rows are locked (``FOR UPDATE``) for the
 check, so two owners demoting each other at once cannot leave none.
+
+A member's authority ends with its membership, in the same transaction: removing
+a member revokes its refresh sessions and the API keys it made in the tenant,
+and withdraws the invitations it sent there; a role change revokes its keys
+whose scopes the new role does not grant and withdraws its invitations to roles
+it may no longer grant. Both lock the tenant row, as key creation does, so a key
+cannot be made between the check and the change.
+
+Only users of this service are members: API keys, trusted services and users of
+an external OIDC issuer (whatever their subject looks like) are refused 403
+where a user is needed.
 """
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,6 +44,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from bastion.data.types import utc_now
 from bastion.errors import Conflict, FieldError, Forbidden, InvalidInput, NotFound
 from bastion.identity._accounts import RefreshTokens
+from bastion.identity._api_key_store import (
+    RevokedApiKey,
+    announce_revoked,
+    revoke_api_keys,
+)
 from bastion.identity._directory import (
     add_membership,
     create_tenant,
@@ -49,11 +66,12 @@ from bastion.identity._one_time import (
     TokenPurpose,
 )
 from bastion.identity._principal import Authenticated, Principal
-from bastion.identity._rbac import require
+from bastion.identity._rbac import grants, require
 from bastion.identity._tables import (
     EMAIL_MAX,
     NAME_MAX,
     SLUG_MAX,
+    api_keys,
     memberships,
     one_time_tokens,
     tenants,
@@ -188,9 +206,10 @@ def local_user_id(principal: Principal) -> uuid.UUID | None:
     """Return the caller's id in ``bastion_users``, or ``None`` for any other caller.
 
     API keys and services are no users, and neither is a user of an external
-    issuer whose subject is not one of this service's ids.
+    OIDC issuer, even when its subject happens to be a UUID: such an account has
+    no row here, and its subject may equal a local user's id.
     """
-    if principal.kind != "user":
+    if principal.kind != "user" or principal.issuer is not None:
         return None
     try:
         return uuid.UUID(principal.subject)
@@ -202,6 +221,11 @@ def _user(principal: Principal) -> uuid.UUID:
     """Return the caller's user id; API keys, services and external accounts manage nothing."""
     user_id = local_user_id(principal)
     if user_id is None:
+        if principal.kind == "user" and principal.issuer is not None:
+            raise Forbidden(
+                "Only a user of this service can do this; an account of an external"
+                " identity provider has no membership here."
+            )
         raise Forbidden("Only a user of this service can do this; an API key cannot.")
     return user_id
 
@@ -214,18 +238,106 @@ def _check_role(identity: Identity, role: str) -> None:
         )
 
 
+def _covers(identity: Identity, granted: frozenset[str], role: str) -> bool:
+    """Return whether ``granted`` covers every permission of ``role`` (wildcards included)."""
+    return all(grants(granted, permission) for permission in identity.roles.permissions_for([role]))
+
+
+def _can_grant(identity: Identity, granted: frozenset[str], role: str) -> bool:
+    """Return whether a holder of ``granted`` may grant ``role`` (the owner role needs more)."""
+    if role == identity.settings.identity.owner_role and not grants(granted, "members:owners"):
+        return False
+    return _covers(identity, granted, role)
+
+
 async def _may_grant(identity: Identity, principal: Principal, role: str) -> None:
     """Refuse unless the caller could hold ``role``: it has every permission the role grants."""
     owner = identity.settings.identity.owner_role
     granted = await identity.authorizer.permissions(principal)
-    if role == owner and "members:owners" not in granted:
+    if role == owner and not grants(granted, "members:owners"):
         raise Forbidden(
             "Granting or changing the owner role needs the permission 'members:owners'.",
             extra={"permission": "members:owners"},
         )
-    needed = identity.roles.permissions_for([role])
-    if not needed <= granted:
+    if not _covers(identity, granted, role):
         raise Forbidden("A role can be granted only by a member holding all its permissions.")
+
+
+def _check_address(email: str) -> None:
+    """Refuse an address the mail senders cannot deliver to, as sign-up does (422)."""
+    # Imported here: _auth_routes imports this module (accept_invitation) at its top,
+    # so a top-level import either way round would be a cycle. The pattern is
+    # private there; reused, not copied, so both routes accept the same addresses.
+    from bastion.identity._auth_routes import _EMAIL_PATTERN  # noqa: PLC0415 -- import cycle
+
+    if re.fullmatch(_EMAIL_PATTERN, email) is None:
+        raise InvalidInput(
+            errors=[FieldError("body.email", "invalid_address", "The e-mail address is not valid.")]
+        )
+
+
+async def _revoke_member_keys(
+    session: AsyncSession,
+    tenant_id: uuid.UUID,
+    user_id: uuid.UUID,
+    allowed: frozenset[str] | None,
+    now: datetime,
+) -> list[RevokedApiKey]:
+    """Revoke the live keys ``user_id`` made in the tenant: all, or those beyond ``allowed``."""
+    mine = (
+        api_keys.c.tenant_id == tenant_id,
+        api_keys.c.created_by == user_id,
+    )
+    if allowed is None:
+        return await revoke_api_keys(session, *mine, now=now)
+    rows = await session.execute(
+        select(api_keys.c.id, api_keys.c.scopes).where(*mine, api_keys.c.revoked_at.is_(None))
+    )
+    beyond = [
+        row.id for row in rows if not all(grants(allowed, scope) for scope in row.scopes or ())
+    ]
+    if not beyond:
+        return []
+    return await revoke_api_keys(session, api_keys.c.id.in_(beyond), now=now)
+
+
+async def _withdraw_invitations_by(
+    session: AsyncSession,
+    identity: Identity,
+    tenant_id: uuid.UUID,
+    inviter: uuid.UUID,
+    granted: frozenset[str] | None,
+) -> int:
+    """Delete the pending invitations ``inviter`` sent: all, or those ``granted`` cannot grant.
+
+    Returns:
+        How many were deleted.
+    """
+    rows = await session.execute(
+        select(one_time_tokens.c.id, one_time_tokens.c.data).where(
+            one_time_tokens.c.tenant_id == tenant_id,
+            one_time_tokens.c.purpose == TokenPurpose.INVITATION.value,
+            one_time_tokens.c.used_at.is_(None),
+        )
+    )
+    default = identity.settings.identity.invite_role
+    doomed = []
+    # Few rows (pending invitations of one tenant) and a JSON field: filtered here,
+    # not in SQL, whose JSON operators differ between SQLite and PostgreSQL.
+    for row in rows:
+        data = row.data or {}
+        if data.get("invited_by") != str(inviter):
+            continue
+        role = str(data.get("role") or default)
+        if (
+            granted is None
+            or not grants(granted, "members:invite")
+            or not _can_grant(identity, granted, role)
+        ):
+            doomed.append(row.id)
+    if doomed:
+        await session.execute(delete(one_time_tokens).where(one_time_tokens.c.id.in_(doomed)))
+    return len(doomed)
 
 
 async def _owner_ids(session: AsyncSession, tenant_id: uuid.UUID, owner_role: str) -> list[Any]:
@@ -321,6 +433,7 @@ async def accept_invitation(
     Raises:
         InvalidOneTimeToken: ``record`` is not an invitation to a tenant that still exists.
         Forbidden: the invitation is for another e-mail address than the user's.
+        Conflict: the role the invitation grants is no longer one of ``identity.roles``.
         QuotaExceeded: the tenant has as many members as its ``members`` quota allows.
     """
     if record.purpose is not TokenPurpose.INVITATION or record.tenant is None:
@@ -335,6 +448,9 @@ async def accept_invitation(
     current = await membership_role(session, user_id, tenant.id)
     if current is not None:
         return InvitationAccepted(tenant.id, user_id, current, joined=False)
+    if role not in identity.roles.names:
+        # The roles changed since the invitation was sent: what it promised is gone.
+        raise Conflict("The role this invitation grants no longer exists; ask for a new one.")
     limit = members_limit(identity.settings, tenant.settings)
     if limit is not None:
         await _lock_tenant(session, tenant.id)
@@ -481,6 +597,7 @@ def tenants_router() -> APIRouter:  # noqa: PLR0915 -- one closure per route, re
         role = body.role or identity.settings.identity.invite_role
         _check_role(identity, role)
         await _may_grant(identity, principal, role)
+        _check_address(body.email)
         email = normalise_email(body.email)
         issued = identity.one_time.new(
             TokenPurpose.INVITATION,
@@ -493,6 +610,15 @@ def tenants_router() -> APIRouter:  # noqa: PLR0915 -- one closure per route, re
             tenant = await find_tenant(session, tenant_id)
             if tenant is None:
                 raise NotFound("No such tenant.")
+            # Rendered before anything is written: a message the mail layer refuses
+            # (422) leaves no invitation behind to count against the members quota.
+            message = INVITATION_TEMPLATE.render(
+                email,
+                link=_invitation_link(identity, issued.token),
+                expires_in=record.expires_at - record.created_at,
+                service=identity.settings.tracing.service_name,
+                tenant=tenant.name,
+            )
             already = await session.scalar(
                 select(memberships.c.user_id)
                 .join(users, users.c.id == memberships.c.user_id)
@@ -530,14 +656,16 @@ def tenants_router() -> APIRouter:  # noqa: PLR0915 -- one closure per route, re
                     used_at=None,
                 )
             )
-        message = INVITATION_TEMPLATE.render(
-            email,
-            link=_invitation_link(identity, issued.token),
-            expires_in=record.expires_at - record.created_at,
-            service=identity.settings.tracing.service_name,
-            tenant=tenant.name,
-        )
-        await identity.mail.send(message)
+        try:
+            await identity.mail.send(message)
+        except Exception:
+            # Not sent, so its link exists nowhere: withdraw the row, which would
+            # otherwise sit pending against the members quota, and answer the error.
+            async with identity.database.session() as session:
+                await session.execute(
+                    delete(one_time_tokens).where(one_time_tokens.c.id == uuid.UUID(record.id))
+                )
+            raise
         await emit_security_event(
             SecurityEventKind.MEMBER_INVITED, subject=record.id, details={"role": role}
         )
@@ -679,7 +807,19 @@ def tenants_router() -> APIRouter:  # noqa: PLR0915 -- one closure per route, re
         _check_role(identity, body.role)
         owner = identity.settings.identity.owner_role
         await _may_grant(identity, principal, body.role)
+        now = utc_now()
         async with identity.database.session() as session:
+            # What the member made under its old role must not outlast it: invitations
+            # it may no longer send, keys with scopes the new role does not grant.
+            # Invitations first: accepting one locks its row, then the tenant's, and
+            # this takes the same order, so the two cannot deadlock.
+            allowed = identity.roles.permissions_for([body.role])
+            withdrawn = await _withdraw_invitations_by(
+                session, identity, tenant_id, user_id, allowed
+            )
+            # Key creation takes this lock too: no key is made under the old role
+            # after the keys below are checked.
+            await _lock_tenant(session, tenant_id)
             current = await membership_role(session, user_id, tenant_id)
             if current is None:
                 raise NotFound("No such member.")
@@ -692,6 +832,7 @@ def tenants_router() -> APIRouter:  # noqa: PLR0915 -- one closure per route, re
                 .where(memberships.c.tenant_id == tenant_id, memberships.c.user_id == user_id)
                 .values(role=body.role)
             )
+            revoked = await _revoke_member_keys(session, tenant_id, user_id, allowed, now)
             row = (
                 await session.execute(
                     select(users.c.email, users.c.display_name, memberships.c.created_at)
@@ -700,11 +841,17 @@ def tenants_router() -> APIRouter:  # noqa: PLR0915 -- one closure per route, re
                 )
             ).one()
         await identity.permissions.invalidate_user(str(user_id), str(tenant_id))
+        await announce_revoked(identity, revoked, now, reason="role_changed")
         if current != body.role:
             await emit_security_event(
                 SecurityEventKind.ROLE_CHANGED,
                 subject=str(user_id),
-                details={"from_role": current, "to_role": body.role},
+                details={
+                    "from_role": current,
+                    "to_role": body.role,
+                    "api_keys_revoked": len(revoked),
+                    "invitations_withdrawn": withdrawn,
+                },
             )
         return MemberOut(
             user_id=user_id,
@@ -730,7 +877,13 @@ def tenants_router() -> APIRouter:  # noqa: PLR0915 -- one closure per route, re
         leaving = caller == user_id
         if not leaving:
             await manage_members()
+        now = utc_now()
         async with identity.database.session() as session:
+            # The invitations it sent end with its membership (rows before the tenant
+            # lock, as in change_role); so do its keys, below.
+            withdrawn = await _withdraw_invitations_by(session, identity, tenant_id, user_id, None)
+            # Key creation takes this lock too (see change_role).
+            await _lock_tenant(session, tenant_id)
             current = await membership_role(session, user_id, tenant_id)
             if current is None:
                 raise NotFound("No such member.")
@@ -749,11 +902,20 @@ def tenants_router() -> APIRouter:  # noqa: PLR0915 -- one closure per route, re
                 identity.database, ttl=identity.settings.identity.tokens.refresh_ttl
             )
             revoked = len(await refresh.revoke_tenant_member(user_id, tenant_id, session=session))
+            # So do the API keys it made here: they carried its authority.
+            keys = await _revoke_member_keys(session, tenant_id, user_id, None, now)
         await identity.permissions.invalidate_user(str(user_id), str(tenant_id))
+        await announce_revoked(identity, keys, now, reason="member_removed")
         await emit_security_event(
             SecurityEventKind.MEMBER_REMOVED,
             subject=str(user_id),
-            details={"role": current, "left": leaving, "sessions_revoked": revoked},
+            details={
+                "role": current,
+                "left": leaving,
+                "sessions_revoked": revoked,
+                "api_keys_revoked": len(keys),
+                "invitations_withdrawn": withdrawn,
+            },
         )
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 

@@ -20,9 +20,17 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import load_only
 
-from bastion.errors import ErrorCode, FieldError, InvalidInput, NotFound, problem_responses
+from bastion.errors import (
+    ErrorCode,
+    FieldError,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    problem_responses,
+)
 from bastion.identity import Principal, require
 from bastion.tenancy import TenantId, scoped
 from bastion_docs.dependencies import DbSession
@@ -81,8 +89,12 @@ Writer = Annotated[Principal, Depends(require(WRITE))]
 
 
 def _author(principal: Principal) -> dict[str, uuid.UUID | None]:
-    # A user or an API key of the tenant is recorded; a trusted internal service has
-    # no row to point at, so its documents have no recorded author.
+    # A user or an API key of the tenant is recorded. A trusted internal service has
+    # no row to point at, and neither has a user of an external OIDC issuer (its
+    # subject is the issuer's, even when it looks like a UUID, and may equal a local
+    # user's id): their documents have no recorded author, both alike.
+    if principal.issuer is not None:
+        return {"created_by": None, "created_by_api_key": None}
     try:
         subject = uuid.UUID(principal.subject)
     except ValueError:
@@ -122,7 +134,8 @@ async def create_document(
     calling user (``created_by``) or API key (``created_by_api_key``).
 
     Raises:
-        Forbidden: the caller lacks ``documents:write``.
+        Forbidden: the caller lacks ``documents:write``, or its credential names a
+            tenant that does not exist here.
     """
     now = utc_now()
     document = Document(
@@ -137,7 +150,12 @@ async def create_document(
         version=1,
     )
     session.add(document)
-    await session.commit()
+    try:
+        await session.commit()
+    except IntegrityError as exc:
+        # The tenant (an external issuer's claim, a trusted caller's header) or the
+        # author is no row here: the credential names nothing this service knows.
+        raise Forbidden("This credential's tenant is not a tenant of this service.") from exc
     response.headers["Location"] = f"{request.url.path.rstrip('/')}/{document.id}"
     return DocumentOut.model_validate(document)
 

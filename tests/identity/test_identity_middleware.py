@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+import secrets
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -318,6 +319,31 @@ class TestApiKeys:
         await identity.database.aclose()
 
         assert used is not None
+
+    async def test_a_key_of_a_previous_secret_is_rehashed_on_use(self, sqlite_url, tmp_path):
+        """After a secret rotation a used key's hash moves to the new secret, so the old
+        secret can be dropped without breaking the key."""
+        old_secret, new_secret = secrets.token_urlsafe(48), secrets.token_urlsafe(48)
+
+        def app_with(api_key_settings):
+            return identity_app(
+                **identity_overrides(sqlite_url, tmp_path, identity={"api_keys": api_key_settings})
+            )
+
+        before, runtime = app_with({"secret": old_secret})
+        async with running(before):
+            identity = identity_of(runtime)
+            created = identity.api_keys.create(str(await make_tenant(identity)), "ci", [])
+            await store_api_key(identity, created)
+        rotated, _ = app_with({"secret": new_secret, "previous_secrets": [old_secret]})
+        async with running(rotated) as client:
+            during = await client.get("/me", headers={"x-api-key": created.key})
+        # Shutdown waited for the background write; now the old secret can go.
+        after, _ = app_with({"secret": new_secret})
+        async with running(after) as client:
+            dropped = await client.get("/me", headers={"x-api-key": created.key})
+
+        assert (200, 200) == (during.status_code, dropped.status_code), dropped.text
 
     @pytest.mark.redis
     @pytest.mark.postgres

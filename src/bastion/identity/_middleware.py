@@ -238,7 +238,7 @@ class IdentityMiddleware:
         try:
             parsed = api_keys.parse(credential.decode("ascii", "replace"))
             # The store answers None for a key revoked on another instance (deny list).
-            record = api_keys.check(parsed, await store.get(parsed.public_id)).record
+            verified = api_keys.check(parsed, await store.get(parsed.public_id))
         except InvalidApiKey:
             _COUNTERS["api_key", "invalid"].inc()
             raise
@@ -246,6 +246,11 @@ class IdentityMiddleware:
             _COUNTERS["api_key", "unavailable"].inc()
             raise
         _COUNTERS["api_key", "success"].inc()
+        record = verified.record
+        if verified.rehash:
+            # Verified under a previous server secret: store the current one's hash, so
+            # the old secret can leave identity.api_keys.previous_secrets.
+            await store.rehash(record, verified.new_hash)
         await store.touch(record)
         return Principal(record.id, "api_key", record.tenant, scopes=frozenset(record.scopes))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import secrets
@@ -66,6 +67,27 @@ async def _pg_admin(statement: str) -> None:
         await conn.execute(statement)
     finally:
         await conn.close()
+
+
+@contextlib.contextmanager
+def _scratch_postgres(suffix: str) -> Iterator[str]:
+    name = f"bastion_test_{os.getpid()}_{suffix}"
+    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
+    base, _, _ = POSTGRES_ADMIN_URL.rpartition("/")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def scratch_postgres() -> Callable[[str], contextlib.AbstractContextManager[str]]:
+    """Make a PostgreSQL database of a test's own: ``with scratch_postgres("x") as url``.
+
+    For tests that need tables no migration made, or counts no other test disturbs.
+    Use it from a plain (not async) fixture: it runs its own event loop.
+    """
+    return _scratch_postgres
 
 
 @pytest.fixture

@@ -540,6 +540,16 @@ AUTH = (
                 unit="ops",
             ),
             Panel(
+                "Spent tokens purged by table",
+                (
+                    Query(
+                        "sum by (table) (increase("
+                        f"bastion_identity_purged_rows_total{{{SEL}}}[{RATE}]))",
+                        "{{table}}",
+                    ),
+                ),
+            ),
+            Panel(
                 "OIDC document fetches by outcome",
                 (
                     Query(

@@ -651,7 +651,8 @@ class OidcProviderSettings(_Section):
     subject_claim: str = "sub"
     """Claim naming the principal."""
     tenant_claim: str | None = None
-    """Claim naming the tenant (its id or slug); ``None``: ``default_tenant``."""
+    """Claim naming the tenant (a tenant id of this service; a slug is not resolved);
+    ``None``: ``default_tenant``."""
     default_tenant: str | None = None
     """Tenant of tokens without a tenant claim."""
     roles_claim: str | None = "roles"
@@ -722,6 +723,12 @@ class IdentitySettings(SharedStateSection):
     """External issuers whose access tokens are accepted, by name."""
     refresh_cookie: str = "bastion_refresh"
     """Name of the refresh-token cookie of clients that ask for cookie delivery."""
+    purge_interval: Seconds = 3_600.0
+    """Seconds between purges of spent single-use and refresh tokens (each instance,
+    with jitter); ``0`` disables the periodic purge (``bastion identity purge`` still works)."""
+    purge_after: Seconds = 604_800.0
+    """Seconds a used or expired single-use token, or a revoked or expired refresh
+    family, is kept before a purge deletes it."""
 
     @model_validator(mode="after")
     def _roles_known(self) -> IdentitySettings:

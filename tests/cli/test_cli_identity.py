@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import uuid
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import create_async_engine
 from typer.testing import CliRunner
 
 from bastion.cli import _register, app
-from bastion.identity._tables import memberships, users
+from bastion.identity._tables import memberships, one_time_tokens, users
 
 APP = ("--app", "tests.lifecycle.drain_app:create_app")
 
@@ -145,3 +147,44 @@ class TestUsersCreate:
         result = cli("users", "create", "--email", "a@example.org", "--tenant", "t", *APP)
         assert 2 == result.exit_code
         assert "--password-stdin" in result.stderr
+
+
+class TestIdentityPurge:
+    def test_the_counts_of_deleted_rows_are_printed(self, cli, migrated):
+        """A single-use token expired past identity.purge_after is deleted and counted."""
+        expired = datetime.now(UTC) - timedelta(days=30)
+        _write(
+            migrated,
+            insert(one_time_tokens).values(
+                id=uuid.uuid4(),
+                purpose="password_reset",
+                subject=str(uuid.uuid4()),
+                token_hash=secrets.token_bytes(32),
+                tenant_id=None,
+                data={},
+                created_at=expired,
+                expires_at=expired,
+                used_at=None,
+            ),
+        )
+        result = cli("identity", "purge", "--json", *APP)
+        assert 0 == result.exit_code, result.stderr
+        # The session's database is shared: other tests may have left spent rows too.
+        counts = json.loads(result.stdout)
+        assert {"one_time_tokens", "refresh_families", "refresh_tokens"} == set(counts)
+        assert 1 <= counts["one_time_tokens"]
+        again = cli("identity", "purge", *APP)
+        assert 0 == again.exit_code, again.stderr
+        assert "one_time_tokens: 0, refresh_families: 0, refresh_tokens: 0" == again.stdout.strip()
+
+
+def _write(database_url, statement):
+    async def write():
+        engine = create_async_engine(database_url)
+        try:
+            async with engine.begin() as connection:
+                await connection.execute(statement)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(write())

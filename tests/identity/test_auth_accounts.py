@@ -8,7 +8,6 @@ import secrets
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
-import asyncpg
 import pytest
 from sqlalchemy import delete, select, update
 
@@ -58,7 +57,7 @@ class Clock:
 
 
 @pytest.fixture(scope="module")
-def _own_postgres(_postgres_session_url):
+def _own_postgres(_postgres_session_url, scratch_postgres):
     """A PostgreSQL database of this module's own, with the tables made by create_all.
 
     Not the session's database: there, the tables come from bastion's migrations,
@@ -67,21 +66,8 @@ def _own_postgres(_postgres_session_url):
     if _postgres_session_url is None:
         yield None
         return
-    base, _, session_name = _postgres_session_url.rpartition("/")
-    name = f"{session_name}_accounts"
-
-    async def admin(statement: str) -> None:
-        connection = await asyncpg.connect(
-            _postgres_session_url.replace("postgresql+asyncpg://", "postgresql://", 1)
-        )
-        try:
-            await connection.execute(statement)
-        finally:
-            await connection.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    yield f"{base}/{name}"
-    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with scratch_postgres("accounts") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import pytest
 from prometheus_client import REGISTRY
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from tenancy_support import Service, bearer, oidc_settings, running, unprefixed_subjects
 
 from bastion.data.types import utc_now
@@ -487,31 +487,44 @@ async def test_two_owners_demoting_each_other_at_once_leave_one(postgres_url):
                 headers=service.headers(actor, tenant),
             )
 
-        # Under load the two requests may not overlap at all; every attempt checks the
-        # invariant, and enough attempts make an overlap all but certain.
-        for _ in range(25):
-            answers = await asyncio.gather(demote(first, second), demote(second, first))
-            codes = sorted(answer.status_code for answer in answers)
-            roles = {await _role(service, tenant, first), await _role(service, tenant, second)}
-            assert "owner" in roles
-            if codes == [200, 409]:
-                return
-            # Both refused (403): the winner's demotion landed before the loser's permission
-            # check; the tenant still has its owner. Reset and race again.
-            await _reset_owners(service, tenant, first, second)
-        raise AssertionError("the demotions never raced")
-
-
-async def _reset_owners(service, tenant, *owners) -> None:
-    async with service.identity.database.session() as session:
-        for user in owners:
-            await session.execute(
-                update(memberships)
-                .where(memberships.c.tenant_id == tenant.id, memberships.c.user_id == user.id)
-                .values(role="owner")
+        # Hold the owner rows so both requests are past their permission checks (both
+        # still owners) and queued on the lock before either can write: the race is
+        # forced, not hoped for.
+        async with service.identity.database.engine.connect() as blocker:
+            held = await blocker.begin()
+            await blocker.execute(
+                select(memberships.c.user_id)
+                .where(memberships.c.tenant_id == tenant.id, memberships.c.role == "owner")
+                .with_for_update()
             )
-    for user in owners:
-        await service.identity.permissions.invalidate_user(str(user.id), str(tenant.id))
+            crossed = [
+                asyncio.create_task(demote(first, second)),
+                asyncio.create_task(demote(second, first)),
+            ]
+            await _until_lock_waiters(blocker, 2)
+            await held.rollback()
+        answers = await asyncio.gather(*crossed)
+        roles = {await _role(service, tenant, first), await _role(service, tenant, second)}
+
+    # The loser is refused either as the last owner's demoter (409) or, when the
+    # winner's invalidation reached its re-check first, as an admin now (403).
+    winner, loser = sorted(answer.status_code for answer in answers)
+    assert (200, True) == (winner, loser in {403, 409})
+    assert {"owner", "admin"} == roles
+
+
+async def _until_lock_waiters(connection, count: int) -> None:
+    # A row-lock wait is a wait on the holder's transaction id, which has no database:
+    # the waiting sessions are found through their backends instead.
+    waiting = text(
+        "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid) "
+        "WHERE NOT pg_locks.granted AND pg_stat_activity.datname = current_database()"
+    )
+    for _ in range(500):
+        if await connection.scalar(waiting) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{count} requests never queued on the lock")
 
 
 async def _invite(service: Service, tenant, inviter, email: str, role: str):

@@ -38,6 +38,17 @@ class TestKeys:
         assert "p|u:alice" == key(context(user_id="alice"), "192.0.2.1", "GET /x")
         assert "p|ip:192.0.2.1" == key(context(), "192.0.2.1", "GET /x")
 
+    @pytest.mark.parametrize("by", [("client",), ("principal",), ("principal", "route")])
+    def test_an_api_key_is_its_own_client(self, by):
+        """A request with an API key is counted per key, not per address it calls from."""
+        key = self.policy(*by).key
+        first = key(context(api_key_id="key1", tenant_id="acme"), "192.0.2.1", "GET /x")
+        moved = key(context(api_key_id="key1", tenant_id="acme"), "198.51.100.9", "GET /x")
+        other = key(context(api_key_id="key2", tenant_id="acme"), "192.0.2.1", "GET /x")
+        assert first == moved
+        assert first != other
+        assert first.startswith("p|k:key1")
+
     def test_missing_identity_parts_fall_back_to_the_ip(self):
         """Anonymous callers of a per-tenant policy never share one bucket."""
         key = self.policy("tenant", "api_key").key

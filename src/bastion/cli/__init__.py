@@ -20,6 +20,7 @@ def _register() -> None:
     # import graph one-way (groups import `app`, never each other).
     from bastion.cli import config as _config  # noqa: F401, PLC0415 -- registration
     from bastion.cli import doctor as _doctor  # noqa: F401, PLC0415 -- registration
+    from bastion.cli import identity as _identity  # noqa: F401, PLC0415 -- registration
     from bastion.cli import keys as _keys  # noqa: F401, PLC0415 -- registration
     from bastion.cli import migrate as _migrate  # noqa: F401, PLC0415 -- registration
     from bastion.cli import migrate_lint as _migrate_lint  # noqa: F401, PLC0415 -- registration

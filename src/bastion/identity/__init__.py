@@ -87,6 +87,7 @@ from bastion.identity._principal import (
     record_auth_failure,
     unbind_principal,
 )
+from bastion.identity._purge import purge_expired
 from bastion.identity._rbac import (
     Authorizer,
     Roles,
@@ -200,6 +201,7 @@ __all__ = [
     "on_security_event",
     "one_time_tokens",
     "protected_operations",
+    "purge_expired",
     "record_auth_failure",
     "refresh_families",
     "refresh_tokens",

@@ -8,6 +8,7 @@ of their own.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -28,6 +29,7 @@ from bastion.identity._oidc import ClaimMapping, OidcProvider
 from bastion.identity._one_time import OneTimeTokens, TokenPurpose
 from bastion.identity._passwords import PasswordHasher, PasswordPolicy
 from bastion.identity._permission_cache import PermissionCache
+from bastion.identity._purge import run_purges
 from bastion.identity._rbac import Authorizer, Roles, current_authorizer, use_authorizer
 from bastion.identity._runtime import Identity
 from bastion.identity._tokens import AccessTokens
@@ -150,7 +152,7 @@ def build_identity(
 
 
 async def start_identity(identity: Identity) -> None:
-    """Start-up: make the authorizer current, subscribe the cache, warm the hasher.
+    """Start-up: make the authorizer current, subscribe the cache, warm the hasher, start purging.
 
     The warm-up computes the dummy hash the unknown-account path compares
     against, so the first failed login costs what every other one does.
@@ -158,6 +160,14 @@ async def start_identity(identity: Identity) -> None:
     use_authorizer(identity.authorizer)
     await identity.permissions.start()
     await identity.hasher.warm_up()
+    section = identity.settings.identity
+    if section.purge_interval > 0 and identity.purge_task is None:
+        identity.purge_task = asyncio.get_running_loop().create_task(
+            run_purges(
+                identity.database, interval=section.purge_interval, keep=section.purge_after
+            ),
+            name="bastion-identity-purge",
+        )
     logger.info(
         "identity configured",
         algorithm=identity.keys.signing_key.alg,
@@ -170,6 +180,12 @@ async def start_identity(identity: Identity) -> None:
 
 async def stop_identity(identity: Identity) -> None:
     """Shutdown: close what :func:`build_identity` made (not the Redis client or database)."""
+    if identity.purge_task is not None:
+        # Cancelled first: a purge in flight rolls back, before the database closes.
+        identity.purge_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await identity.purge_task
+        identity.purge_task = None
     with contextlib.suppress(ConfigurationError):
         # Another app in the process may have made its own authorizer current since.
         if current_authorizer() is identity.authorizer:

@@ -7,6 +7,7 @@ database is off: accounts live in the database).
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -55,6 +56,8 @@ class Identity:
             looks keys up in); ``None`` only when built by hand without one.
         tenant_quotas: each tenant's quotas and rate-limit overrides, metered by
             the rate limiter; ``None`` without rate limiting.
+        purge_task: the periodic purge of spent tokens, while started and
+            ``identity.purge_interval`` is not 0.
     """
 
     settings: Settings
@@ -75,3 +78,4 @@ class Identity:
     oidc: dict[str, OidcProvider] = field(default_factory=dict)
     api_key_store: ApiKeyStore | None = None
     tenant_quotas: TenantQuotas | None = None
+    purge_task: asyncio.Task[None] | None = None

@@ -53,6 +53,7 @@ __all__ = [
     "IDENTITY_PASSWORD_HASH_DURATION",
     "IDENTITY_PASSWORD_HASH_REJECTED",
     "IDENTITY_PASSWORD_REHASHES",
+    "IDENTITY_PURGED_ROWS",
     "IDENTITY_SECURITY_EVENTS",
     "MIGRATIONS_APPLIED",
     "OUTBOX_LAG",
@@ -328,6 +329,14 @@ IDENTITY_DENY_LIST_CHECKS: Final = Counter(
     "Access-token deny-list checks by result (allowed, revoked, failed_open,"
     " failed_closed: the store could not answer).",
     ["result"],
+)
+
+# --- Identity: purge of spent tokens (issue 7) ------------------------------------
+IDENTITY_PURGED_ROWS: Final = Counter(
+    "bastion_identity_purged_rows_total",
+    "Rows deleted by the purge of spent tokens, by table (one_time_tokens,"
+    " refresh_families, refresh_tokens).",
+    ["table"],
 )
 
 # --- Tenancy: per-tenant quotas (issue 7) ----------------------------------------------

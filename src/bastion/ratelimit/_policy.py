@@ -5,9 +5,9 @@ A policy counts requests per distinct combination of its ``by`` parts:
 ========== ===================================================================
 part       the value in the key
 ========== ===================================================================
-client     the principal (``RequestContext.user_id``) when known, else the IP
+client     the principal when known (the user, else the API key), else the IP
 ip         the client IP (an IPv6 client is its /64: one client owns a /64)
-principal  the principal
+principal  the principal (the user, else the API key)
 api_key    the id of the API key the request presented
 tenant     the tenant
 route      the matched route, ``METHOD template`` (``_unmatched`` for a 404)
@@ -250,9 +250,13 @@ def _key_function(name: str, by: tuple[str, ...]) -> KeyFunction:
     if by == ("client",):
         # The default policy's shape, on every request: one branch, one concatenation.
         def client_key(context: RequestContext | None, bucket: str, route: str) -> str:
-            user = context.user_id if context is not None else None
-            if user:
-                return prefix + "u:" + user
+            if context is not None:
+                user = context.user_id
+                if user:
+                    return prefix + "u:" + user
+                api_key = context.api_key_id
+                if api_key:
+                    return prefix + "k:" + api_key
             return prefix + "ip:" + bucket
 
         return client_key
@@ -280,8 +284,11 @@ def _part(part: str, context: RequestContext | None, bucket: str, route: str) ->
         return "ip:" + bucket
     value: str | None
     if part == "client" or part == "principal":  # noqa: PLR1714 -- reads as the two names
-        value = context.user_id
-        tag = "u:"
+        # The principal is the user, else the API key (a key has no user).
+        if context.user_id:
+            return "u:" + context.user_id
+        value = context.api_key_id
+        tag = "k:"
     elif part == "tenant":
         value = context.tenant_id
         tag = "t:"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -36,14 +35,12 @@ from bastion.identity._one_time import (
     TokenPurpose,
 )
 from bastion.identity._tables import (
-    identity_metadata,
     memberships,
     one_time_tokens,
     refresh_families,
     refresh_tokens,
     users,
 )
-from bastion.settings import DatabaseSettings
 
 
 class Clock:
@@ -54,35 +51,6 @@ class Clock:
 
     def __call__(self) -> datetime:
         return self.now
-
-
-@pytest.fixture(scope="module")
-def _own_postgres(_postgres_session_url, scratch_postgres):
-    """A PostgreSQL database of this module's own, with the tables made by create_all.
-
-    Not the session's database: there, the tables come from bastion's migrations,
-    which would find these and refuse to create them again.
-    """
-    if _postgres_session_url is None:
-        yield None
-        return
-    with scratch_postgres("accounts") as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def database(request, sqlite_url: str, _own_postgres) -> AsyncIterator[Database]:
-    """The identity tables on SQLite or PostgreSQL (created, not migrated: unit level)."""
-    if request.param == "sqlite":
-        url = sqlite_url
-    else:
-        request.getfixturevalue("postgres_url")  # fails in CI, skips elsewhere, when down
-        url = _own_postgres
-    db = Database(DatabaseSettings(url=url))
-    async with db.engine.begin() as connection:
-        await connection.run_sync(identity_metadata.create_all)
-    yield db
-    await db.aclose()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -19,43 +18,15 @@ from bastion.identity import purge_expired
 from bastion.identity._directory import create_user
 from bastion.identity._purge import run_purges
 from bastion.identity._tables import (
-    identity_metadata,
     one_time_tokens,
     refresh_families,
     refresh_tokens,
 )
-from bastion.settings import DatabaseSettings
 
 NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 KEEP = timedelta(days=7)
 LONG_AGO = NOW - KEEP - timedelta(hours=1)
 LATELY = NOW - timedelta(hours=1)
-
-
-@pytest.fixture(scope="module")
-def _own_postgres(_postgres_session_url, scratch_postgres):
-    """A PostgreSQL database of this module's own, so counts see no other test's rows."""
-    if _postgres_session_url is None:
-        yield None
-        return
-    with scratch_postgres("purge") as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def database(request, sqlite_url: str, _own_postgres) -> AsyncIterator[Database]:
-    """Empty identity tables on SQLite or PostgreSQL."""
-    if request.param == "sqlite":
-        url = sqlite_url
-    else:
-        request.getfixturevalue("postgres_url")  # fails in CI, skips elsewhere, when down
-        url = _own_postgres
-    db = Database(DatabaseSettings(url=url))
-    async with db.engine.begin() as connection:
-        await connection.run_sync(identity_metadata.drop_all)
-        await connection.run_sync(identity_metadata.create_all)
-    yield db
-    await db.aclose()
 
 
 async def add_one_time(

@@ -1,0 +1,42 @@
+"""Fixtures of the identity tests that work on the tables directly (no app, no migrations)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from bastion.data import Database
+from bastion.identity._tables import identity_metadata
+from bastion.settings import DatabaseSettings
+
+
+@pytest.fixture(scope="module")
+def _module_postgres(request, _postgres_session_url, scratch_postgres) -> Iterator[str | None]:
+    """A PostgreSQL database of the test module's own.
+
+    Not the session's database: there, the tables come from bastion's migrations
+    (which would find tables made by ``create_all`` and refuse to run), and other
+    tests' rows would disturb counts.
+    """
+    if _postgres_session_url is None:
+        yield None
+        return
+    with scratch_postgres(request.module.__name__.rpartition(".")[2]) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def database(request, sqlite_url: str, _module_postgres) -> AsyncIterator[Database]:
+    """Empty identity tables (made by ``create_all``) on SQLite or PostgreSQL."""
+    if request.param == "sqlite":
+        url = sqlite_url
+    else:
+        request.getfixturevalue("postgres_url")  # fails in CI, skips elsewhere, when down
+        url = _module_postgres
+    db = Database(DatabaseSettings(url=url))
+    async with db.engine.begin() as connection:
+        await connection.run_sync(identity_metadata.drop_all)
+        await connection.run_sync(identity_metadata.create_all)
+    yield db
+    await db.aclose()

@@ -28,7 +28,6 @@ the issuer one request per interval. A failed fetch is not retried before
 from __future__ import annotations
 
 import asyncio
-import binascii
 import contextlib
 import contextvars
 import ipaddress
@@ -49,7 +48,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from bastion.errors import BastionError, ConfigurationError, ServiceUnavailable
-from bastion.identity._jose import B64URL, b64decode, number
+from bastion.identity._jose import B64URL, b64decode, json_segment, number, split_compact
 from bastion.identity._keys import MIN_RSA_BITS, SigningKey
 from bastion.identity._principal import Principal
 from bastion.identity._tokens import InvalidToken
@@ -468,21 +467,11 @@ class OidcProvider:
     async def _verify(self, token: str | bytes) -> OidcClaims:
         # Everything that needs no key is checked before the keys are looked at, so
         # garbage never makes the provider fetch anything.
-        if not isinstance(token, str | bytes) or not 0 < len(token) <= MAX_TOKEN_LENGTH:
-            raise InvalidToken
-        raw = token.encode("ascii", "replace") if isinstance(token, str) else token
-        parts = raw.split(b".")
-        if len(parts) != 3:  # noqa: PLR2004 - header.payload.signature
-            raise InvalidToken
-        head, body, sig = parts
-        if not (head and body and sig) or not all(B64URL.fullmatch(p) for p in parts):
-            raise InvalidToken
         try:
-            header = orjson.loads(b64decode(head))
-            signature = b64decode(sig)
-        except (ValueError, binascii.Error):
+            header, signing_input, body, signature = split_compact(token, MAX_TOKEN_LENGTH)
+        except ValueError:
             raise InvalidToken from None
-        if not isinstance(header, dict) or not _FORBIDDEN_HEADER.isdisjoint(header):
+        if not _FORBIDDEN_HEADER.isdisjoint(header):
             raise InvalidToken
         typ = header.get("typ")
         if typ is not None and (not isinstance(typ, str) or typ.lower() not in _ACCEPTED_TYP):
@@ -495,11 +484,11 @@ class OidcProvider:
         # keyed with an RSA public key, or RS256 against an EC key stop here.
         if key is None or key.alg != alg:
             raise InvalidToken
-        if not key.verify(signature, head + b"." + body):
+        if not key.verify(signature, signing_input):
             raise InvalidToken
         try:
-            claims = orjson.loads(b64decode(body))
-        except (ValueError, binascii.Error):
+            claims = json_segment(body)
+        except ValueError:
             raise InvalidToken from None
         if not isinstance(claims, dict):
             raise InvalidToken

@@ -625,6 +625,123 @@ AUTH = (
     ),
 )
 
+AUDIT = Row(
+    "Audit trail",
+    (
+        Panel(
+            "Events committed by mode",
+            (
+                Query(
+                    f"sum by (mode) (rate(bastion_audit_events_total{{{SEL}}}[{RATE}]))",
+                    "{{mode}}",
+                ),
+            ),
+            unit="ops",
+            stack=True,
+        ),
+        Panel(
+            "Buffered events (accepted, not committed)",
+            (Query(f"sum(bastion_audit_buffered_events{{{SEL}}})", "buffered"),),
+            description="What a crash would lose in async mode; at most audit.buffer_size per "
+            "process. Alert: BastionAuditBufferFull.",
+        ),
+        Panel(
+            "Group commit duration",
+            tuple(
+                Query(
+                    f"histogram_quantile({q}, sum by (le) "
+                    f"(rate(bastion_audit_flush_duration_seconds_bucket{{{SEL}}}[{RATE}])))",
+                    f"p{round(q * 100)}",
+                )
+                for q in (0.5, 0.99)
+            ),
+            unit="s",
+        ),
+        Panel(
+            "Events per group commit",
+            tuple(
+                Query(
+                    f"histogram_quantile({q}, sum by (le) "
+                    f"(rate(bastion_audit_batch_size_events_bucket{{{SEL}}}[{RATE}])))",
+                    f"p{round(q * 100)}",
+                )
+                for q in (0.5, 0.99)
+            ),
+        ),
+        Panel(
+            "Writer failures, drops and full-buffer waits",
+            (
+                Query(
+                    f"sum by (reason) (rate(bastion_audit_flush_failures_total{{{SEL}}}[{RATE}]))",
+                    "commit failed: {{reason}}",
+                ),
+                Query(
+                    f"sum by (reason) (rate(bastion_audit_dropped_events_total{{{SEL}}}[{RATE}]))",
+                    "dropped: {{reason}}",
+                ),
+                Query(
+                    f"sum by (result) (rate(bastion_audit_record_waits_total{{{SEL}}}[{RATE}]))",
+                    "buffer full: {{result}}",
+                ),
+            ),
+            unit="ops",
+            description="Alerts: BastionAuditWriterFailing, BastionAuditBufferFull.",
+        ),
+        Panel(
+            "Sealed fields that did not decrypt",
+            (
+                Query(
+                    f"sum(rate(bastion_audit_subject_decrypt_failures_total{{{SEL}}}[{RATE}]))",
+                    "decrypt failures",
+                ),
+            ),
+            unit="ops",
+            description="A ciphertext edited, or copied from another entry or column.",
+        ),
+        Panel(
+            "Checkpoints signed and sink failures",
+            (
+                Query(
+                    f"sum(rate(bastion_audit_checkpoints_total{{{SEL}}}[{RATE}]))",
+                    "checkpoints",
+                ),
+                Query(
+                    "sum by (sink) "
+                    f"(rate(bastion_audit_checkpoint_sink_failures_total{{{SEL}}}[{RATE}]))",
+                    "sink failed: {{sink}}",
+                ),
+            ),
+            unit="ops",
+            description="Alert: BastionAuditCheckpointSinkFailing.",
+        ),
+        Panel(
+            "Checkpoints refused, and stored rows that do not verify",
+            (
+                Query(
+                    "sum by (reason) "
+                    f"(rate(bastion_audit_checkpoint_refusals_total{{{SEL}}}[{RATE}]))",
+                    "refused: {{reason}}",
+                ),
+                Query(
+                    f"sum(rate(bastion_audit_checkpoint_invalid_total{{{SEL}}}[{RATE}]))",
+                    "invalid rows skipped",
+                ),
+            ),
+            unit="ops",
+            description="Any value is a sign of tampering: a head that does not extend the last "
+            "signed checkpoint, or a checkpoint row no trusted key signed. Alerts: "
+            "BastionAuditCheckpointRefused, BastionAuditCheckpointInvalid.",
+        ),
+        Panel(
+            "Checkpoint lag (longest unsigned growth)",
+            (Query(f"max(bastion_audit_checkpoint_lag_seconds{{{SEL}}})", "lag"),),
+            unit="s",
+            description="0: every log's head is signed. Alert: BastionAuditCheckpointStale.",
+        ),
+    ),
+)
+AUTH = (*AUTH, AUDIT)
+
 DEPENDENCIES = (
     Row(
         "Circuit breakers",

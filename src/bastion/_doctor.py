@@ -39,12 +39,14 @@ from bastion.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from bastion._stack import Bastion
+    from bastion.audit._build import AuditSchema
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "Finding",
     "Report",
     "Status",
+    "check_audit_guards",
     "check_combinations",
     "check_database",
     "check_migrations",
@@ -140,7 +142,7 @@ async def diagnose(
 
     Returns:
         The findings: the app, the database, Redis, the broker, distinct stores,
-        migrations, then the risky combinations.
+        migrations, the audit trail's guards, then the risky combinations.
 
     Raises:
         ConfigurationError: a setting is invalid (one line naming the variable).
@@ -175,6 +177,9 @@ async def diagnose(
         if runtime is not None:
             database = next((f for f in reachability if f.check == "database"), None)
             findings.append(await check_migrations(runtime, database))
+            audit = await check_audit_guards(runtime, database, timeout=timeout)
+            if audit is not None:
+                findings.append(audit)
     finally:
         if runtime is not None:
             await _close(runtime)
@@ -433,6 +438,62 @@ async def check_migrations(runtime: Bastion, database: Finding | None = None) ->
     status, consequence = _PENDING[mode]
     fix = None if mode == "auto" else "run `bastion migrate upgrade`"
     return Finding("migrations", status, f"{listed}; {consequence} (mode={mode})", fix)
+
+
+async def check_audit_guards(
+    runtime: Bastion,
+    database: Finding | None = None,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 -- a timeout is a finding, not an exception
+) -> Finding | None:
+    """Whether the audit tables' append-only guards (grants, triggers) are in place.
+
+    A missing or disabled guard is a warning: entries are still recorded and
+    the Merkle tree still detects a changed one, but the database no longer
+    refuses the change.
+
+    Args:
+        runtime: what ``bastion.install`` put on the app.
+        database: the database finding; an unreachable database is not asked.
+        timeout: seconds the look may take.
+
+    Returns:
+        The finding, or ``None`` when the app has no audit trail.
+    """
+    if runtime.audit is None:
+        return None
+    if database is not None and database.status is not Status.OK:
+        return Finding(
+            "audit guards", Status.NOTE, "not checked: the database is not reachable yet"
+        )
+    schema = runtime.audit.schema
+    try:
+        async with asyncio.timeout(timeout):
+            await schema.probe()
+    except TimeoutError:
+        return Finding("audit guards", Status.WARNING, f"not checked: no answer in {timeout:g}s")
+    return _audit_guards_finding(schema)
+
+
+def _audit_guards_finding(schema: AuditSchema) -> Finding:
+    if schema.error is not None:
+        return Finding("audit guards", Status.WARNING, f"cannot tell: {schema.error}")
+    if schema.missing:
+        return Finding(
+            "audit guards",
+            Status.NOTE,
+            f"not checked: the audit tables are missing ({', '.join(schema.missing)})",
+            "run `bastion migrate upgrade`",
+        )
+    if schema.guard_problems:
+        return Finding(
+            "audit guards",
+            Status.WARNING,
+            "append-only guards missing or disabled: " + "; ".join(schema.guard_problems),
+            "re-enable the triggers or revoke the grants (docs/audit.md); "
+            "tables made by create_all: bastion.audit._guards.install_guards",
+        )
+    return Finding("audit guards", Status.OK, "the audit tables refuse UPDATE and DELETE")
 
 
 # What pending migrations mean under each start-up migration mode.

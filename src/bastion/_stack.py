@@ -8,6 +8,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppres
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import structlog
 from fastapi import APIRouter
 from starlette.applications import Starlette
@@ -19,8 +20,17 @@ from bastion._access import AccessPolicy
 from bastion._admin import ADMIN_PREFIX, AdminRoutes
 from bastion._forwarded import ClientAddress
 from bastion._secrets import enforce_secrets
+from bastion.audit._build import (
+    AuditRuntime,
+    build_audit,
+    record_migrations,
+    record_unlock,
+    start_audit,
+    stop_audit,
+)
+from bastion.audit._routes import AUDIT_PREFIX, AuditRoutes
 from bastion.backends import BackendKind, backend_kind, import_optional, redact_url
-from bastion.data import Database, MigrationTree, Migrator
+from bastion.data import AppliedRevision, Database, MigrationTree, Migrator
 from bastion.data._transaction import default_database, use_database
 from bastion.errors import (
     PROBLEM_SCHEMA,
@@ -61,6 +71,7 @@ from bastion.ratelimit import (
     RedisStore,
     StoreUnavailable,
 )
+from bastion.ratelimit._limiter import _IDENTIFIER_MAX as IDENTIFIER_MAX
 from bastion.resilience import Resilience, current_resilience, use_resilience
 from bastion.resilience._deadline import RequestDeadlines
 from bastion.resilience._http import forget_client_tracing, use_client_tracing
@@ -83,6 +94,9 @@ PRIORITY_RATELIMIT = 16
 # After the pools and the limiter (its login throttle and quotas are identity's), closed before.
 PRIORITY_IDENTITY = 17
 PRIORITY_MIGRATIONS = 20
+# After migrations (its tables must exist, and it records the run), stopped before the
+# pools close: the drain's last group commit still has its connection.
+PRIORITY_AUDIT = 25
 
 
 @dataclass(slots=True)
@@ -103,6 +117,8 @@ class Bastion:
             ``None`` when ``ratelimit.enabled`` is off.
         identity: accounts, tokens, API keys and roles, or ``None`` when
             ``identity.enabled`` or the database is off.
+        audit: the audit trail (``audit.log.record(event)``), or ``None`` when
+            ``audit.enabled`` or the database is off.
     """
 
     settings: Settings
@@ -115,6 +131,7 @@ class Bastion:
     resilience: Resilience | None = None
     ratelimit: RateLimiter | None = None
     identity: Identity | None = None
+    audit: AuditRuntime | None = None
 
 
 def install(app: Starlette, *, settings: Settings | None = None, **overrides: Any) -> Bastion:
@@ -127,7 +144,8 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
     migrations and graceful shutdown; with the database, identity too: its
     secrets checked first, the principal of every request bound from its access
     token, API key or trusted header, and the ``/v1/auth``, ``/v1/tenants``,
-    ``/v1/api-keys`` and JWKS routes.
+    ``/v1/api-keys`` and JWKS routes; and the audit trail: every security event,
+    migration and lockout unlock recorded, and ``/admin/audit`` to read it.
 
     Example:
         >>> app = FastAPI()
@@ -154,9 +172,10 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
 
     set_problem_type_base(settings.http.problem_type_base)
     access_log = configure_logging(settings.logging) if settings.logging.enabled else None
-    if _identity_wanted(settings):
+    if _identity_wanted(settings) or _audit_wanted(settings):
         # Before anything is built from them: production refuses unfit secrets here, one
-        # line per problem; development fills in a generated pepper and API-key secret.
+        # line per problem; development fills in a generated pepper, API-key secret and
+        # audit encryption key.
         settings = enforce_secrets(settings)
     lifecycle = Lifecycle()
     health = HealthRegistry(
@@ -174,7 +193,9 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
         app, settings, lifecycle=lifecycle, health=health, redis=redis, tracing=tracing
     )
     database = _install_database(settings, lifecycle, health, tracing, resilience)
-    migrator = _install_migrations(settings, lifecycle, database)
+    # What start-up migrations applied, for the audit trail to record once it runs.
+    migrated: list[AppliedRevision] = []
+    migrator = _install_migrations(settings, lifecycle, database, migrated)
     operational = (settings.health.path_prefix.rstrip("/") + "/", settings.metrics.path)
     limiter = _install_ratelimit(app, settings, lifecycle, redis, operational)
     identity = _install_identity(
@@ -185,6 +206,14 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
         redis=redis,
         limiter=limiter,
         resilience=resilience,
+    )
+    audit = _install_audit(
+        settings,
+        lifecycle=lifecycle,
+        health=health,
+        database=database,
+        migrator=migrator,
+        migrated=migrated,
     )
 
     if tracing is not None:
@@ -208,6 +237,7 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
         resilience,
         limiter,
         identity,
+        audit,
     )
     app.state.bastion = runtime
 
@@ -219,7 +249,8 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
     # The middleware answers GET and HEAD on the probes; at the router's end the same
     # routes give other methods a 405 with Allow, and cost app requests nothing.
     app.router.routes.extend(probes)
-    app.router.routes.extend(_admin_routes(settings, migrator, limiter, identity))
+    admin = _admin_routes(settings, migrator, limiter, identity, audit)
+    app.router.routes.extend(admin)
     app.router.routes.extend(_install_metrics(settings))
     if identity is not None and settings.identity.routes:
         _mount_identity_routes(app, settings, identity)
@@ -233,7 +264,7 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
         app.add_middleware(
             IdentityMiddleware,
             identity=identity,
-            skip_prefixes=(*operational, f"{ADMIN_PREFIX}/"),
+            skip_prefixes=(*operational, *_identity_free_admin(admin, audit)),
         )
     app.add_middleware(
         RequestMiddleware,
@@ -383,6 +414,66 @@ def _install_identity(
     lifecycle.on_startup("identity", start, priority=PRIORITY_IDENTITY)
     lifecycle.on_shutdown("close identity", stop, priority=PRIORITY_IDENTITY)
     return identity
+
+
+def _audit_wanted(settings: Settings) -> bool:
+    return settings.audit.enabled and settings.database.enabled
+
+
+def _install_audit(
+    settings: Settings,
+    *,
+    lifecycle: Lifecycle,
+    health: HealthRegistry,
+    database: Database | None,
+    migrator: Migrator | None,
+    migrated: list[AppliedRevision],
+) -> AuditRuntime | None:
+    if not settings.audit.enabled:
+        return None
+    if database is None:
+        # As for identity: said only to an app that configured the audit trail.
+        if "audit" in settings.model_fields_set:
+            logger.info("audit trail off: it needs the database (database.enabled is off)")
+        return None
+    audit = build_audit(settings, database=database)
+    health.register("audit", audit.health_check)
+    # Not critical: the entries are recorded and the tree still detects tampering;
+    # what is missing is the database refusing the accident. Looked at every few
+    # minutes (AuditSchema), not per probe.
+    health.register("audit_guards", audit.schema.guards_check, critical=False)
+    if settings.audit.checkpoint_interval > 0:
+        # Not critical: entries are still recorded; only their signing waits.
+        health.register("audit_checkpoints", audit.schedule_check, critical=False)
+
+    async def start() -> None:
+        await start_audit(audit)
+        if migrator is not None and migrated:
+            await record_migrations(audit.log, migrated, tool=migrator.tool)
+            # Committed before the process is ready: the record of a schema change
+            # must not wait on traffic, nor race the first requests' writes (SQLite).
+            await audit.log.flush()
+        migrated.clear()
+
+    async def stop() -> None:
+        await stop_audit(audit)
+
+    lifecycle.on_startup("audit trail", start, priority=PRIORITY_AUDIT)
+    lifecycle.on_shutdown("stop audit trail", stop, priority=PRIORITY_AUDIT)
+    return audit
+
+
+def _identity_free_admin(admin: list[BaseRoute], audit: AuditRuntime | None) -> tuple[str, ...]:
+    """The admin paths the identity middleware leaves alone: all but the audit routes.
+
+    The audit routes also admit a tenant admin by their access token (``audit:read``),
+    so identity binds the principal there; the others take the operators' token only.
+    """
+    if audit is None:
+        return (f"{ADMIN_PREFIX}/",)
+    # A template's static head ("/admin/tenants/" of "/admin/tenants/{id}/settings").
+    heads = {route.path.split("{", 1)[0] for route in admin if isinstance(route, Route)}
+    return tuple(sorted(head for head in heads if not head.startswith(AUDIT_PREFIX)))
 
 
 def _mount_identity_routes(app: Starlette, settings: Settings, identity: Identity) -> None:
@@ -560,7 +651,10 @@ def _circuits_route(settings: Settings, health: HealthRegistry, resilience: Resi
 
 
 def _install_migrations(
-    settings: Settings, lifecycle: Lifecycle, database: Database | None
+    settings: Settings,
+    lifecycle: Lifecycle,
+    database: Database | None,
+    migrated: list[AppliedRevision],
 ) -> Migrator | None:
     if database is None or not settings.migrations.enabled:
         return None
@@ -589,7 +683,7 @@ def _install_migrations(
         if mode == "auto":
             # Verifies the applied revisions first, under the migration lock, and
             # refuses, naming them, when one was modified.
-            await migrator.upgrade()
+            migrated.extend(await migrator.upgrade())
             return
         problems: list[str] = []
         modified = (await migrator.verify()).modified
@@ -625,22 +719,40 @@ def _admin_routes(
     migrator: Migrator | None,
     limiter: RateLimiter | None,
     identity: Identity | None,
+    audit: AuditRuntime | None,
 ) -> list[BaseRoute]:
-    token = settings.http.admin_token
-    # The operators' networks and token, with or without identity: an operator is
-    # not a tenant's member, and the admin console of a later issue brings its role.
-    access = AccessPolicy(
-        settings.http.admin_allowed_networks, token.get_secret_value() if token else None
-    )
+    access = _admin_access(settings)
     routes: list[BaseRoute] = list(AdminRoutes(access=access, migrator=migrator).routes())
     if limiter is not None and limiter.login is not None:
-        routes.append(_unlock_route(access, limiter))
+        routes.append(_unlock_route(access, limiter, audit))
     if identity is not None:
         routes.extend(tenant_admin_routes(access))
+    if audit is not None:
+        routes.extend(_audit_routes(settings, access, audit))
     return routes
 
 
-def _unlock_route(access: AccessPolicy, limiter: RateLimiter) -> Route:
+def _admin_access(settings: Settings) -> AccessPolicy:
+    token = settings.http.admin_token
+    # The operators' networks and token, with or without identity: an operator is
+    # not a tenant's member, and the admin console of a later issue brings its role.
+    return AccessPolicy(
+        settings.http.admin_allowed_networks, token.get_secret_value() if token else None
+    )
+
+
+def _audit_routes(settings: Settings, access: AccessPolicy, audit: AuditRuntime) -> list[BaseRoute]:
+    return AuditRoutes(
+        settings=settings.audit,
+        access=access,
+        database=audit.database,
+        subject_keys=audit.subject_keys,
+        checkpointer=audit.checkpointer,
+        log=audit.log,
+    ).routes()
+
+
+def _unlock_route(access: AccessPolicy, limiter: RateLimiter, audit: AuditRuntime | None) -> Route:
     """``POST /admin/ratelimit/unlock``: an admin lifts an account lockout."""
     route: Route
 
@@ -649,12 +761,41 @@ def _unlock_route(access: AccessPolicy, limiter: RateLimiter) -> Route:
         # only for FastAPI's own routes.
         request.scope.setdefault("route", route)
         access.require(request, subject="/admin", realm="bastion-admin")
-        return await limiter.unlock_endpoint(request)
+        identifier = _unlock_identifier(await request.body()) if audit is not None else None
+        if audit is None or identifier is None:
+            # Nothing to record, or a body the endpoint refuses (422) without unlocking.
+            return await limiter.unlock_endpoint(request)
+        # Recorded first: an unlock the trail cannot take (503) does not happen.
+        await record_unlock(audit, identifier)
+        try:
+            return await limiter.unlock_endpoint(request)
+        except Exception as exc:
+            await _record_unlock_failure(audit, identifier, exc)
+            raise
 
     route = Route(
         f"{ADMIN_PREFIX}/ratelimit/unlock", unlock, methods=["POST"], include_in_schema=False
     )
     return route
+
+
+def _unlock_identifier(body: bytes) -> str | None:
+    """The body's identifier when the unlock endpoint would accept it, else ``None``."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    identifier = parsed.get("identifier") if isinstance(parsed, dict) else None
+    if not isinstance(identifier, str) or not 0 < len(identifier.strip()) <= IDENTIFIER_MAX:
+        return None
+    return identifier
+
+
+async def _record_unlock_failure(audit: AuditRuntime, identifier: str, error: Exception) -> None:
+    try:
+        await record_unlock(audit, identifier, failure=error)
+    except Exception as exc:  # noqa: BLE001 -- the unlock's own error is the answer
+        logger.error("unlock failure not recorded", error=type(exc).__name__)  # noqa: TRY400 -- class only
 
 
 LifespanFactory = Callable[[Any], AbstractAsyncContextManager[Any]]

@@ -48,6 +48,7 @@ class RequestContext:
         tenant_id: the tenant the request acts for, once known.
         user_id: the authenticated principal, once known.
         api_key_id: the id (never the secret) of the API key the request presented.
+        user_agent: the client's ``User-Agent`` header (the audit trail stores it encrypted).
         deadline: when the request must be answered, on the event loop's clock
             (``loop.time()``); outbound calls get what remains as their budget.
     """
@@ -62,6 +63,7 @@ class RequestContext:
     user_id: str | None = None
     deadline: float | None = None
     api_key_id: str | None = None
+    user_agent: str | None = None
 
 
 _current: Final[contextvars.ContextVar[RequestContext | None]] = contextvars.ContextVar(

@@ -682,6 +682,7 @@ IDENTITY_PERMISSIONS: dict[str, RoleSettings] = {
             "members:manage",
             "api_keys:manage",
             "usage:read",
+            "audit:read",
         ],
         inherits=["member"],
     ),
@@ -800,8 +801,88 @@ class TenancySettings(SectionSettings):
     through the API is seen at once by the instance that made it."""
 
 
+AuditMode = Literal["async", "sync"]
+"""How :meth:`bastion.audit.AuditLog.record` makes an entry durable."""
+
+AuditPartition = Literal["global", "tenant"]
+"""One Merkle log for the whole service, or one per tenant (plus one for events without)."""
+
+DEFAULT_AUDIT_RETENTION_DAYS: dict[str, int] = {"default": 400, "auth": 400, "admin": 2557}
+"""Days an entry is kept before it is archived and pruned, by action class (the first
+dotted segment of the action): 400 days cover SOC 2's year under review with a margin;
+administrative changes are kept seven years (HIPAA's six, with a margin)."""
+
+
 class AuditSettings(SectionSettings):
-    """Audit trail (a later issue fills this section in)."""
+    """Audit trail: an append-only, tamper-evident log of who did what, when, from where.
+
+    Entries are rows of ``bastion_audit_entries`` (one column per field) that form
+    an RFC 6962 Merkle tree per log; signed checkpoints commit to its size and root.
+    """
+
+    mode: AuditMode = "async"
+    """``async``: ``record()`` returns once the event is in a bounded buffer that a
+    background task commits in batches (group commit); a crash loses at most
+    ``buffer_size`` events. ``sync``: ``record()`` writes the entry in the caller's
+    transaction (or its own), so the event and the change commit together."""
+    partition: AuditPartition = "global"
+    """``global``: one log. ``tenant``: one log per tenant (appends of different
+    tenants never wait for each other) and one, ``system``, for events without a tenant."""
+    buffer_size: int = Field(default=10_000, ge=1)
+    """Events accepted but not yet committed (``async``); a full buffer makes
+    ``record()`` wait: it never drops. The most a crash can lose."""
+    batch_size: int = Field(default=1000, ge=1)
+    """Most events one group commit writes."""
+    flush_interval: Seconds = 0.05
+    """Seconds the writer waits for more events before committing a partial batch. Nobody
+    waits on it (``record()`` returns at once, the crash bound is ``buffer_size``), and at
+    a service's write rate it sets the batch size: 5 ms made batches of one or two events,
+    each a whole transaction (bench/audit.py)."""
+    enqueue_timeout: Seconds = 5.0
+    """Seconds ``record()`` waits for room in a full buffer before it raises
+    ``AuditUnavailable`` (503): the caller learns the event was not accepted."""
+    checkpoint_interval: Seconds = 60.0
+    """Seconds between signed checkpoints of each log that grew; 0 turns the schedule off
+    (``bastion audit checkpoint`` still makes one)."""
+    origin: str = Field(default="bastion", min_length=1, max_length=200)
+    """First line of every checkpoint (the log's name, C2SP tlog-checkpoint); the log
+    id is appended: ``bastion/global``, ``bastion/tenant/<id>``."""
+    signing_keys: list[SecretStr] = Field(default_factory=list)
+    """Ed25519 checkpoint signing keys as signed-note private keys
+    (``PRIVATE+KEY+<name>+<hash>+<key>``, made by ``bastion audit keygen``); the first
+    signs, the others only verify. Missing in development: one is generated and kept
+    under ``secrets.development_directory``; in production start-up fails."""
+    trusted_keys: list[str] = Field(default_factory=list)
+    """Verifier keys (``<name>+<hash>+<key>``) of retired signers whose checkpoints
+    still verify; the public halves of ``signing_keys`` are trusted too."""
+    checkpoint_directory: str | None = None
+    """Directory every checkpoint is also written to (storage the database operator
+    does not control: another volume, a bucket mount); ``None``: none."""
+    encryption_key: SecretStr | None = None
+    """Key (at least 256 bits) that wraps each data subject's key; personal fields
+    (e-mail, IP address, user agent) are encrypted under the subject's key.
+    Generated in development, required in production."""
+    subject_key_cache_ttl: Seconds = 60.0
+    """Seconds an instance keeps a subject's key in memory; after an erasure another
+    instance may use the destroyed key for at most this long."""
+    details_max_bytes: int = Field(default=4096, ge=512)
+    """Largest ``details`` object, as canonical JSON; larger is refused. At least 512:
+    bastion's own ``audit.prune`` entries (about 300 bytes) must always fit."""
+    mask_keys: list[str] = Field(default_factory=list)
+    """More key fragments whose values are masked in ``details`` (beyond the logs' own)."""
+    retention_days: dict[str, int] = Field(
+        default_factory=lambda: dict(DEFAULT_AUDIT_RETENTION_DAYS)
+    )
+    """Days before an entry is archived and pruned, by action class (``auth``,
+    ``document``...); ``default`` covers the others. Pruning runs only through
+    ``bastion audit prune`` with the maintenance role."""
+    archive_directory: str | None = None
+    """Where ``bastion audit prune`` writes sealed segments before deleting; required to prune."""
+    maintenance_url: SecretStr | None = None
+    """Database URL of the maintenance role (member of ``bastion_audit_maintenance``),
+    the only one the append-only guards let delete (pruning); ``None``: ``database.url``."""
+    sensitive_reads: bool = True
+    """Record reads of resources an app marks sensitive (``audit_read`` dependency)."""
 
 
 class FlagsSettings(SharedStateSection):

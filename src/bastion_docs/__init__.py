@@ -10,7 +10,7 @@ The service's API, under ``/v1``::
     POST   /documents             create (201, Location)
     GET    /documents             list, newest first: ?page=1&page_size=20 (1-100)
     GET    /documents/{id}        read
-    PATCH  /documents/{id}        change title, body or tags; version += 1
+    PATCH  /documents/{id}        change title, body, tags or sensitive; version += 1
     DELETE /documents/{id}        delete (204)
     POST   /assistant/ask         a question about the tenant's documents
 

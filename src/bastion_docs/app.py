@@ -7,6 +7,9 @@ Example:
     ...     llm={"url": "http://127.0.0.1:11434", "api": "ollama"},
     ... )
 
+Every document write, and every read of a document marked sensitive, is
+recorded in bastion's audit trail (``audit`` settings; ``GET /admin/audit``).
+
 Callers authenticate with bastion's identity component: an access token from
 ``POST /v1/auth/login`` (``Authorization: Bearer ...``) or an API key of their
 tenant. The service adds its document permissions to bastion's roles
@@ -28,7 +31,7 @@ from bastion.settings import RoleSettings, Settings, load_settings
 from bastion_docs.assistant import DEPENDENCY, Assistant, LLMSettings
 from bastion_docs.conformance import conformance_router
 from bastion_docs.routes import v1
-from bastion_docs.routes.documents import READ, WRITE
+from bastion_docs.routes.documents import AUDIT_ACTIONS, READ, WRITE
 
 __all__ = ["DEFAULT_RATE_LIMIT", "DOCUMENT_PERMISSIONS", "MIGRATIONS", "create_app"]
 
@@ -117,6 +120,9 @@ def create_app(*, llm: dict[str, Any] | LLMSettings | None = None, **overrides: 
         raise ConfigurationError("Bastion Docs stores its data in the database: enable database")
     if runtime.identity is None:
         raise ConfigurationError("Bastion Docs authenticates its callers: enable identity")
+    if runtime.audit is not None:
+        # Its writes (and sensitive reads) are recorded under actions of its own.
+        runtime.audit.log.register_actions(AUDIT_ACTIONS)
     app.include_router(v1)
     _install_assistant(app, runtime, llm_settings)
     if runtime.settings.tracing.conformance_endpoint:

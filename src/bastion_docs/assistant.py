@@ -162,11 +162,14 @@ class Match:
         id: the document's id.
         title: its title.
         excerpt: the start of its body, at most :data:`EXCERPT_CHARS` characters.
+        sensitive: whether the document is marked sensitive, so that using it is
+            recorded as a read in the audit trail.
     """
 
     id: uuid.UUID
     title: str
     excerpt: str
+    sensitive: bool = False
 
 
 class _Unanswered(Exception):
@@ -229,14 +232,21 @@ async def search(
             + case((in_tags, 2), else_=0)
             + case((in_body, 1), else_=0)
         )
-    columns = select(Document.id, Document.title, func.substr(Document.body, 1, EXCERPT_CHARS))
+    columns = select(
+        Document.id,
+        Document.title,
+        func.substr(Document.body, 1, EXCERPT_CHARS),
+        Document.sensitive,
+    )
     rows = await session.execute(
         scoped(columns, Document, tenant_id)
         .where(or_(*tests))
         .order_by(score.desc(), Document.updated_at.desc(), Document.id.desc())
         .limit(limit)
     )
-    return [Match(id=row[0], title=row[1], excerpt=row[2] or "") for row in rows]
+    return [
+        Match(id=row[0], title=row[1], excerpt=row[2] or "", sensitive=bool(row[3])) for row in rows
+    ]
 
 
 def summarize(matches: Sequence[Match]) -> str:

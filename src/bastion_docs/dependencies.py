@@ -1,16 +1,19 @@
-"""Route dependencies shared by every router: the database and a request's session."""
+"""Route dependencies shared by every router: the database, a request's session, the audit trail."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bastion.data import Database
 
-__all__ = ["DbSession", "database", "db_session"]
+if TYPE_CHECKING:
+    from bastion.audit import AuditLog
+
+__all__ = ["Audit", "DbSession", "audit_trail", "database", "db_session"]
 
 
 async def database(request: Request) -> Database:
@@ -39,3 +42,14 @@ async def db_session(db: Annotated[Database, Depends(database)]) -> AsyncIterato
 
 DbSession = Annotated[AsyncSession, Depends(db_session)]
 """Route parameter type: the request's database session."""
+
+
+async def audit_trail(request: Request) -> AuditLog | None:
+    """Return the app's audit recorder, or ``None`` when ``audit.enabled`` is off."""
+    audit = request.app.state.bastion.audit
+    return None if audit is None else audit.log
+
+
+# The type as a string: FastAPI needs only the dependency, and checkers resolve it.
+Audit = Annotated["AuditLog | None", Depends(audit_trail)]
+"""Route parameter type: the audit recorder (``None`` when the audit trail is off)."""

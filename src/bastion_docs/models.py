@@ -25,6 +25,7 @@ from typing import Final
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     CheckConstraint,
     ForeignKey,
     Index,
@@ -33,6 +34,7 @@ from sqlalchemy import (
     String,
     Text,
     Uuid,
+    false,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -82,7 +84,8 @@ class Document(Base):
     Its author is a user (``created_by``) or, for documents written by an
     automation, an API key of the tenant (``created_by_api_key``); never both.
     Both are cleared, not cascaded, when the account or key row is deleted: the
-    document belongs to the tenant, not to its author.
+    document belongs to the tenant, not to its author. Reading a ``sensitive``
+    one is recorded in the audit trail (``document.read``).
     """
 
     __tablename__ = "documents"
@@ -110,3 +113,4 @@ class Document(Base):
     created_at: Mapped[datetime] = mapped_column(default=utc_now)
     updated_at: Mapped[datetime] = mapped_column(default=utc_now)
     version: Mapped[int] = mapped_column(Integer, default=1)
+    sensitive: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())

@@ -131,6 +131,9 @@ class DocumentCreate(_Request):
     title: Title
     body: Body = ""
     tags: Tags = Field(default_factory=list)
+    sensitive: bool = Field(
+        default=False, description="Record every read of it in the audit trail."
+    )
 
 
 class DocumentPatch(_Request):
@@ -139,8 +142,9 @@ class DocumentPatch(_Request):
     title: Title | None = None
     body: Body | None = None
     tags: Tags | None = None
+    sensitive: bool | None = None
 
-    @field_validator("title", "body", "tags", mode="after")
+    @field_validator("title", "body", "tags", "sensitive", mode="after")
     @classmethod
     def _not_null(cls, value: object) -> object:
         # Absent means "unchanged"; an explicit null would mean "erase", which no
@@ -170,6 +174,7 @@ class DocumentSummary(_Response):
     created_at: datetime
     updated_at: datetime
     version: int = Field(description="1 on creation, incremented by every accepted change.")
+    sensitive: bool = Field(description="Whether every read of it is recorded in the audit trail.")
 
 
 class DocumentOut(DocumentSummary):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,12 +11,14 @@ from types import SimpleNamespace
 
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import text
 
 import bastion
 from bastion._doctor import (
     Finding,
     Report,
     Status,
+    check_audit_guards,
     check_combinations,
     check_migrations,
     check_tcp,
@@ -288,6 +291,83 @@ class TestMigrations:
         assert Status.FAILURE == finding.status
         assert "app:a1" in finding.detail
         assert "bastion migrate verify --accept" in finding.fix
+
+
+def _audited(url: str, tmp_path) -> bastion.Bastion:
+    return bastion.install(
+        FastAPI(),
+        database={"url": url},
+        migrations={"mode": "off"},
+        secrets={"development_directory": str(tmp_path / "secrets")},
+        logging={"enabled": False},
+    )
+
+
+# How each dialect's guard is switched off, and the words the finding uses for it.
+_WEAKEN = {
+    "sqlite": ("DROP TRIGGER bastion_audit_entries_no_update", "is missing"),
+    "postgres": (
+        "ALTER TABLE bastion_audit_entries DISABLE TRIGGER bastion_audit_append_only",
+        "is disabled",
+    ),
+}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def guarded_url(request, tmp_path, scratch_postgres) -> Iterator[tuple[str, str]]:
+    """``(dialect, url)`` of an empty database no other test uses."""
+    if request.param == "sqlite":
+        yield "sqlite", f"sqlite+aiosqlite:///{tmp_path / 'app.db'}"
+        return
+    request.getfixturevalue("postgres_url")  # fails in CI, skips elsewhere, when down
+    with scratch_postgres(f"doctor_guards_{secrets.token_hex(4)}") as url:
+        yield "postgres", url
+
+
+class TestAuditGuards:
+    async def test_no_finding_without_an_audit_trail(self):
+        """An app without the audit trail has no audit guards finding."""
+        assert await check_audit_guards(SimpleNamespace(audit=None)) is None
+
+    async def test_guards_in_place_then_weakened(self, guarded_url, tmp_path):
+        """Migrated tables' guards are ok; a dropped or disabled trigger is a warning naming it."""
+        dialect, url = guarded_url
+        runtime = _audited(url, tmp_path)
+        try:
+            await runtime.migrator.upgrade()
+            intact = await check_audit_guards(runtime)
+            statement, words = _WEAKEN[dialect]
+            async with runtime.database.engine.begin() as connection:
+                await connection.execute(text(statement))
+            weakened = await check_audit_guards(runtime)
+        finally:
+            await runtime.database.aclose()
+
+        assert Status.OK == intact.status
+        assert Status.WARNING == weakened.status
+        assert words in weakened.detail
+        assert "bastion_audit_entries" in weakened.detail
+
+    async def test_missing_tables_are_a_note_with_the_fix(self, tmp_path):
+        """Audit tables that were never migrated are not checked; the fix is to migrate."""
+        runtime = _audited(f"sqlite+aiosqlite:///{tmp_path / 'app.db'}", tmp_path)
+        try:
+            finding = await check_audit_guards(runtime)
+        finally:
+            await runtime.database.aclose()
+
+        assert (Status.NOTE, "run `bastion migrate upgrade`") == (finding.status, finding.fix)
+
+    async def test_unreachable_database_is_not_asked(self, tmp_path):
+        """With the database finding failed, the guards are a note, not a second failure."""
+        runtime = _audited(f"sqlite+aiosqlite:///{tmp_path / 'app.db'}", tmp_path)
+        down = Finding("database", Status.FAILURE, "down")
+        try:
+            finding = await check_audit_guards(runtime, down)
+        finally:
+            await runtime.database.aclose()
+
+        assert Status.NOTE == finding.status
 
 
 class TestReport:

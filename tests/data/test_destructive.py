@@ -477,10 +477,13 @@ class TestSqlChanges:
             "ALTER TABLE t ADD COLUMN a numeric(10, 2)",
             "SELECT truncate(x) FROM t",
             "DELETE FROM t WHERE id = 1",
+            "REVOKE UPDATE, DELETE, TRUNCATE ON t FROM PUBLIC",
+            "CREATE TRIGGER g BEFORE UPDATE OR TRUNCATE ON t EXECUTE FUNCTION f()",
+            "CREATE TRIGGER g BEFORE TRUNCATE OR DELETE ON t EXECUTE FUNCTION f()",
         ],
     )
     def test_safe_sql_is_not_destructive(self, sql):
-        """Comments, literals, constraints, defaults and additions are not destructive."""
+        """Comments, literals, constraints, additions, grants and trigger events do not destroy."""
         assert [] == sql_changes(sql)
 
     def test_change_reads_as_a_phrase(self):

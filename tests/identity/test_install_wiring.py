@@ -120,6 +120,8 @@ class TestWhatInstallBuilds:
         app = FastAPI()
         overrides = identity_overrides(sqlite_url, tmp_path)
         overrides["identity"] = {"enabled": False}
+        # The audit trail would generate its own key there; it is not this test's subject.
+        overrides["audit"] = {"enabled": False}
         runtime = bastion.install(app, **overrides)
 
         assert None is runtime.identity
@@ -171,6 +173,7 @@ class TestSecretsAtStartUp:
                     "passwords": {"pepper": "changeme"},
                     "tokens": {"signing_keys": weak_hs256},
                 },
+                audit={"enabled": False},
                 logging={"enabled": False},
             )
         lines = str(caught.value).splitlines()[1:]

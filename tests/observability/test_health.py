@@ -398,6 +398,7 @@ class TestDatabaseOutage:
             database={"url": private_postgres.url, "connect_timeout": 1},
             migrations={"enabled": False},
             health={"check_timeout": 2},
+            audit={"enabled": False},  # no migrations, no audit tables: readiness would say so
         )
         async with lifespan_client(app) as client:
             before = await client.get("/health/ready")

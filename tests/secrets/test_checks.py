@@ -25,6 +25,7 @@ from bastion.settings import Settings
 PEPPER = "BASTION_IDENTITY__PASSWORDS__PEPPER"
 KEYS = "BASTION_IDENTITY__TOKENS__SIGNING_KEYS"
 API_KEY_SECRET = "BASTION_IDENTITY__API_KEYS__SECRET"
+AUDIT_KEY = "BASTION_AUDIT__ENCRYPTION_KEY"
 PREVIOUS_API_KEY_SECRETS = "BASTION_IDENTITY__API_KEYS__PREVIOUS_SECRETS"
 STRONG = secrets.token_urlsafe(48)
 
@@ -125,10 +126,13 @@ class TestChecks:
         assert {(KEYS, "invalid")} == problems(identity={"tokens": {"signing_keys": value}})
 
     def test_missing_required_secrets_fail_in_production_only(self):
-        """Pepper, signing keys and the API-key secret are required in production only."""
-        assert {(PEPPER, "missing"), (KEYS, "missing"), (API_KEY_SECRET, "missing")} == problems(
-            environment="production"
-        )
+        """Pepper, signing keys, API-key secret and audit key are required in production only."""
+        assert {
+            (PEPPER, "missing"),
+            (KEYS, "missing"),
+            (API_KEY_SECRET, "missing"),
+            (AUDIT_KEY, "missing"),
+        } == problems(environment="production")
         assert set() == problems()
 
     def test_previous_api_key_secrets_are_checked_one_by_one(self):
@@ -138,7 +142,15 @@ class TestChecks:
 
     def test_identity_disabled_requires_no_identity_secrets(self):
         """A switched-off identity component needs no pepper nor keys."""
-        assert set() == problems(environment="production", identity={"enabled": False})
+        assert {(AUDIT_KEY, "missing")} == problems(
+            environment="production", identity={"enabled": False}
+        )
+
+    def test_audit_disabled_requires_no_audit_key(self):
+        """A switched-off audit trail needs no encryption key."""
+        assert {(PEPPER, "missing"), (KEYS, "missing"), (API_KEY_SECRET, "missing")} == problems(
+            environment="production", audit={"enabled": False}
+        )
 
     def test_messages_never_carry_the_value(self):
         """Problem messages name the variable, never the value."""
@@ -160,15 +172,17 @@ class TestEnforce:
         with pytest.raises(ConfigurationError) as caught:
             enforce_secrets(settings)
         lines = str(caught.value).splitlines()[1:]
-        # The placeholder pepper, the missing keys and API-key secret, the weak health token.
-        assert 4 == len(lines)
+        # The placeholder pepper, the missing keys, API-key secret and audit key, the weak
+        # health token.
+        assert 5 == len(lines)
         assert all(line.startswith("- BASTION_") for line in lines)
         assert "changeme" not in str(caught.value).replace("placeholder", "")
 
     def test_development_warns_on_weak_value_and_keeps_it(self, caplog_structlog):
         """A weak value given explicitly is a warning in development, not a failure."""
         settings = Settings(
-            identity={"passwords": {"pepper": "short"}, "api_keys": {"secret": STRONG}}
+            identity={"passwords": {"pepper": "short"}, "api_keys": {"secret": STRONG}},
+            audit={"encryption_key": STRONG},
         )
         assert "short" == enforce_secrets(settings).identity.passwords.pepper.get_secret_value()
         assert [("secret_unfit", PEPPER)] == [(e["event"], e["variable"]) for e in caplog_structlog]
@@ -185,7 +199,7 @@ class TestEnforce:
         path = tmp_path / "dev" / PEPPER.lower()
         assert 0o600 == path.stat().st_mode & 0o777
         events = [e for e in caplog_structlog if e["event"] == "secret_generated_for_development"]
-        assert [PEPPER, API_KEY_SECRET] * 2 == [event["variable"] for event in events]
+        assert [PEPPER, API_KEY_SECRET, AUDIT_KEY] * 2 == [event["variable"] for event in events]
         assert first.get_secret_value() not in repr(caplog_structlog)
 
     def test_production_never_generates(self, tmp_path):

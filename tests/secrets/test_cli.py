@@ -57,8 +57,11 @@ class TestSecretsCheck:
         result = cli("secrets", "check")
         lines = result.stdout.splitlines()
         assert 1 == result.exit_code
-        assert 3 == len(lines)
-        assert all(line.startswith("error missing: BASTION_IDENTITY__") for line in lines)
+        assert 4 == len(lines)
+        assert all(line.startswith("error missing: BASTION_") for line in lines)
+        assert "error missing: BASTION_AUDIT__ENCRYPTION_KEY" in {
+            " ".join(line.split()[:3]) for line in lines
+        }
 
     def test_json_output(self, cli, monkeypatch):
         """--json lists problems with variable, problem, message and fatal; no value."""
@@ -73,6 +76,7 @@ class TestSecretsCheck:
             (PEPPER, "placeholder", True),
             ("BASTION_IDENTITY__TOKENS__SIGNING_KEYS", "invalid", True),
             ("BASTION_IDENTITY__API_KEYS__SECRET", "missing", True),
+            ("BASTION_AUDIT__ENCRYPTION_KEY", "missing", True),
         ] == [(p["variable"], p["problem"], p["fatal"]) for p in document["problems"]]
         assert "changeme" not in result.stdout.replace("placeholder", "")
         assert "not-json-keys" not in result.stdout
@@ -84,6 +88,7 @@ class TestSecretsCheck:
         monkeypatch.setenv("BASTION_ENVIRONMENT", "production")
         monkeypatch.setenv(PEPPER + "_FILE", str(path))
         monkeypatch.setenv("BASTION_IDENTITY__ENABLED", "false")
+        monkeypatch.setenv("BASTION_AUDIT__ENCRYPTION_KEY", secrets.token_urlsafe(48))
         assert 0 == cli("secrets", "check").exit_code
 
     def test_unloadable_configuration_exits_two(self, cli, monkeypatch):

@@ -227,12 +227,12 @@ class TestSchema:
             return sorted(set(names) & set(metadata.tables))
 
         reverted = await migrator.downgrade("app", "base", allow_destructive=True)
-        assert (["0003", "0002", "0001"], []) == (
+        assert (["0004", "0003", "0002", "0001"], []) == (
             [r.revision for r in reverted],
             await service_tables(),
         )
         reapplied = await migrator.upgrade()
-        assert (["0001", "0002", "0003"], ["documents"]) == (
+        assert (["0001", "0002", "0003", "0004"], ["documents"]) == (
             [r.revision for r in reapplied],
             await service_tables(),
         )

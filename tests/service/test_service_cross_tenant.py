@@ -10,7 +10,9 @@ exist nowhere. Isolation holds when
   indistinguishable from nothing;
 - called by A's owner, who holds every permission in A, a route naming one of
   B's resources answers 404, never 403 or 2xx; an operator's route (``/admin``)
-  refuses A outright (401 or 403), whatever it names;
+  refuses A outright (401 or 403), whatever it names, except the audit routes
+  (``/admin/audit``), which a tenant admin reads for its own tenant: B's audit
+  entries answer 404 there;
 - no answer (body, headers, or the claims of a token in the body) carries
   anything of B: ids, slug, names, titles, addresses, key prefixes;
 - afterwards B's document, tenant, members, key and invitation are unchanged.
@@ -36,7 +38,9 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
+from bastion.audit._tables import entries
 from bastion.identity import Roles
 from bastion.ratelimit._routes import route_entries
 from bastion.testing import TestMember, create_member, member_token
@@ -44,9 +48,11 @@ from bastion.testing import TestMember, create_member, member_token
 PASSWORD = "walk-the-tenants-1"
 JWT = re.compile(r"eyJ[A-Za-z0-9_-]+\.([A-Za-z0-9_-]+)\.[A-Za-z0-9_-]*")
 OPERATOR_PREFIX = "/admin/"
+AUDIT_PREFIX = "/admin/audit"
+"""Under the operators' prefix, yet open to a tenant admin (``audit:read``) for its own tenant."""
 CLIENT_ADDRESS = ("203.0.113.7", 40000)
 """A tenant's client on the internet (TEST-NET-3), not on the operators' loopback."""
-ID_PARAMS = {"tenant_id", "document_id", "user_id", "key_id", "invitation_id"}
+ID_PARAMS = {"tenant_id", "document_id", "user_id", "key_id", "invitation_id", "entry_id"}
 """Path parameters that name a tenant's resource, and so must answer 404 to another tenant."""
 
 
@@ -66,6 +72,7 @@ class Target:
     invitation_id: str
     invitation_token: str
     owner_email: str
+    entry_id: str
 
     @classmethod
     def nowhere(cls) -> Target:
@@ -78,6 +85,7 @@ class Target:
             invitation_id=str(uuid.uuid4()),
             invitation_token=secrets.token_urlsafe(32),
             owner_email=unique_email("nobody"),
+            entry_id=str(uuid.uuid4()),
         )
 
 
@@ -145,6 +153,13 @@ WALK: dict[tuple[str, str], Body] = {
     ("GET", "/admin/migrations"): None,
     ("POST", "/admin/ratelimit/unlock"): body(lambda w, t: {"identifier": t.owner_email}),
     ("GET", "/metrics"): None,
+    # The audit trail: operators read every tenant's entries, a tenant admin only its own.
+    ("GET", "/admin/audit"): None,
+    ("GET", "/admin/audit/entries/{entry_id}"): None,
+    ("GET", "/admin/audit/entries/{entry_id}/proof"): None,
+    ("GET", "/admin/audit/consistency"): None,
+    ("GET", "/admin/audit/checkpoints"): None,
+    ("POST", "/admin/audit/checkpoints"): None,
     ("GET", "/.well-known/jwks.json"): None,
     # Operators' views of every tenant, behind the /admin access policy.
     ("GET", "/admin/tenants/usage"): None,
@@ -258,6 +273,20 @@ async def _api_key(client, member: TestMember, scopes: list[str]) -> tuple[str, 
     return created["key"], created["id"], created["prefix"]
 
 
+async def _audit_entry_of(app, document_id: str) -> str:
+    """The id of the audit entry that recorded the creation of a document."""
+    audit = app.state.bastion.audit
+    await audit.log.flush()
+    async with app.state.bastion.database.session() as session:
+        entry = await session.scalar(
+            sa.select(entries.c.id).where(
+                entries.c.resource_id == document_id, entries.c.action == "document.create"
+            )
+        )
+    assert entry is not None
+    return str(entry)
+
+
 @pytest.fixture
 async def walk(app, client) -> AsyncIterator[Walk]:
     """Tenant A's owner and API key; tenant B with a member, a document, a key, an invitation."""
@@ -309,6 +338,7 @@ async def walk(app, client) -> AsyncIterator[Walk]:
         invitation_id=invited.json()["id"],
         invitation_token=token,
         owner_email=b_owner.email,
+        entry_id=await _audit_entry_of(app, document.json()["id"]),
     )
     transport = httpx.ASGITransport(app=app, client=CLIENT_ADDRESS)
     outside = httpx.AsyncClient(transport=transport, base_url="http://testserver")
@@ -342,6 +372,16 @@ async def walk(app, client) -> AsyncIterator[Walk]:
     }
     async with outside:
         yield walk
+
+
+def _operator_failures(route: str, template: str, names_b: bool, against_b) -> list[tuple]:
+    if template.startswith(AUDIT_PREFIX):
+        if names_b and against_b.status_code != 404:
+            return [(route, "audit entry of B not 404", outcome(against_b))]
+        return []
+    if against_b.status_code not in {401, 403}:
+        return [(route, "operator route not refused", outcome(against_b))]
+    return []
 
 
 class TestWalkCoversEveryRoute:
@@ -384,8 +424,7 @@ class TestCrossTenantWalk:
                 )
             names_b = path_params(template) & ID_PARAMS
             if template.startswith(OPERATOR_PREFIX):
-                if against_b.status_code not in {401, 403}:
-                    failures.append((route, "operator route not refused", outcome(against_b)))
+                failures += _operator_failures(route, template, bool(names_b), against_b)
             elif caller == "user" and names_b and against_b.status_code != 404:
                 failures.append((route, "not 404", outcome(against_b)))
             leaked = revealed(walk, against_b)

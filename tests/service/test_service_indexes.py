@@ -73,7 +73,7 @@ class TestServiceIndexes:
         reverted = await migrator.downgrade("app", "0001", allow_destructive=True)
         without = await has_index()
         reapplied = await migrator.upgrade()
-        assert (["0003", "0002"], False, ["0002", "0003"], True) == (
+        assert (["0004", "0003", "0002"], False, ["0002", "0003", "0004"], True) == (
             [r.revision for r in reverted],
             without,
             [r.revision for r in reapplied],

@@ -184,7 +184,7 @@ class TestIdentityDataMigration:
         documents = await _fill_old_schema(migrator.database)
         applied = await migrator.upgrade()
         tenants, users, memberships, authors = await _snapshot(migrator.database)
-        assert ["0003"] == [r.revision for r in applied]
+        assert ["0003", "0004"] == [r.revision for r in applied]
         assert {ACME: ("acme", "Acme", {}), GLOBEX: ("globex", "Globex", {})} == {
             t.id: (t.slug, t.name, t.settings) for t in tenants
         }
@@ -254,7 +254,7 @@ class TestIdentityDataMigration:
                     )
                 )
             ).all()
-        assert ["0003"] == [r.revision for r in reverted]
+        assert ["0004", "0003"] == [r.revision for r in reverted]
         assert {
             (ACME, "ann@example.test", "owner"),
             (GLOBEX, "ann@example.test", "viewer"),
@@ -281,5 +281,5 @@ class TestIdentityDataMigration:
         before = await _snapshot(migrator.database)
         await migrator.downgrade("app", "0002", allow_destructive=True)
         applied = await migrator.upgrade()
-        assert ["0003"] == [r.revision for r in applied]
+        assert ["0003", "0004"] == [r.revision for r in applied]
         assert before == await _snapshot(migrator.database)

@@ -18,6 +18,7 @@ app = typer.Typer(
 def _register() -> None:
     # Command groups register themselves on `app`; importing them here keeps the
     # import graph one-way (groups import `app`, never each other).
+    from bastion.cli import audit as _audit  # noqa: F401, PLC0415 -- registration
     from bastion.cli import config as _config  # noqa: F401, PLC0415 -- registration
     from bastion.cli import doctor as _doctor  # noqa: F401, PLC0415 -- registration
     from bastion.cli import identity as _identity  # noqa: F401, PLC0415 -- registration

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bastion._stack import Bastion
+from bastion.audit._build import record_migration_run
 from bastion.cli import app
 from bastion.cli._app import fail, load_runtime
 from bastion.data import (
@@ -127,6 +128,7 @@ def upgrade(
             revision, tree=tree, allow_destructive=_consent(allow_destructive)
         ),
         tool="bastion migrate upgrade",
+        audited=True,
     )
     _print_applied(applied, as_json=as_json, nothing="Nothing to apply: every tree is up to date.")
 
@@ -158,6 +160,7 @@ def downgrade(
             tree, revision, allow_destructive=_consent(allow_destructive)
         ),
         tool="bastion migrate downgrade",
+        audited=True,
     )
     _print_applied(applied, as_json=as_json, nothing="Nothing to revert.")
 
@@ -264,11 +267,17 @@ def verify(
 
 
 def _run(
-    spec: str | None, action: Callable[[Migrator], Awaitable[T]], *, tool: str | None = None
+    spec: str | None,
+    action: Callable[[Migrator], Awaitable[T]],
+    *,
+    tool: str | None = None,
+    audited: bool = False,
 ) -> T:
     """Load the app, run ``action`` on its migrator, and close the pool it opened.
 
     ``tool`` is what the migration history records as having made the change.
+    With ``audited``, the revisions ``action`` returned are recorded in the app's
+    audit trail (``admin.migration.apply``) before the pool closes.
     """
     try:
         runtime = load_runtime(spec or load_settings().server.app)
@@ -280,7 +289,10 @@ def _run(
 
         async def call() -> T:
             try:
-                return await action(migrator)
+                result = await action(migrator)
+                if audited and runtime.audit is not None and isinstance(result, list):
+                    await record_migration_run(runtime.audit, result, tool=migrator.tool)
+                return result
             finally:
                 await migrator.database.aclose()
 

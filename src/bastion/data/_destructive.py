@@ -477,7 +477,11 @@ _NAMES: Final = rf"{_NAME}(?:\s*\*)?(?:\s*,\s*(?:ONLY\s+)?{_NAME}(?:\s*\*)?)*"
 _FLAGS: Final = re.IGNORECASE | re.DOTALL
 
 _DROP_TABLE: Final = re.compile(rf"\bDROP\s+TABLE\s+(?:IF\s+EXISTS\s+)?({_NAMES})", _FLAGS)
-_TRUNCATE: Final = re.compile(rf"\bTRUNCATE\s+(?:TABLE\s+)?(?:ONLY\s+)?({_NAMES})(?!\s*\()", _FLAGS)
+# Not when TRUNCATE is a privilege or a trigger event: "REVOKE DELETE, TRUNCATE ON t",
+# "BEFORE UPDATE OR TRUNCATE ON t", "BEFORE TRUNCATE OR DELETE ON t".
+_TRUNCATE: Final = re.compile(
+    rf"\bTRUNCATE\s+(?!(?:ON|OR)\b)(?:TABLE\s+)?(?:ONLY\s+)?({_NAMES})(?!\s*\()", _FLAGS
+)
 _CREATE_TABLE: Final = re.compile(
     rf"\bCREATE\s+(?:(?:TEMP|TEMPORARY|UNLOGGED)\s+)?TABLE\s+(?!IF\b)({_NAME})", _FLAGS
 )

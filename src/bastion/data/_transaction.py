@@ -59,6 +59,7 @@ _SQLITE_BUSY_CODES: Final = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKE
 # The task that owns the unit in progress. A task, not a flag: tasks started
 # inside a unit inherit the context, and they are not nested in it.
 _owner: ContextVar[asyncio.Task[Any] | None] = ContextVar("bastion_transaction_owner", default=None)
+_session: ContextVar[AsyncSession | None] = ContextVar("bastion_transaction_session", default=None)
 
 # Set by bastion.install at start-up. A module global rather than a contextvar:
 # the lifespan task that sets it is not the parent of the request tasks.
@@ -312,6 +313,19 @@ async def run_transaction(
     return await retrying(attempt)
 
 
+def current_session() -> AsyncSession | None:
+    """Return the session of the unit of work this task is in, or ``None`` outside one.
+
+    For code that must write in the caller's transaction without being handed its
+    session (the audit trail in ``sync`` mode). Tasks started inside a unit inherit
+    its context but are not part of it, so they get ``None``.
+    """
+    task = asyncio.current_task()
+    if task is None or _owner.get() is not task:
+        return None
+    return _session.get()
+
+
 def _outcome_reason(state: RetryCallState) -> ConflictReason:
     assert state.outcome is not None  # noqa: S101 -- tenacity calls back after an attempt
     exc = state.outcome.exception()
@@ -331,6 +345,7 @@ async def _unit(
         )
     token = _owner.set(task)
     session = db.sessions()
+    session_token = _session.set(session)
     try:
         await _begin(session, db, isolation or db.settings.isolation_level)
         yield session
@@ -346,6 +361,7 @@ async def _unit(
     else:
         await _release(session)
     finally:
+        _session.reset(session_token)
         _owner.reset(token)
 
 

@@ -23,6 +23,19 @@ from typing import Final
 from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
+    "AUDIT_BATCH_SIZE",
+    "AUDIT_BUFFERED",
+    "AUDIT_CHECKPOINTS",
+    "AUDIT_CHECKPOINT_INVALID",
+    "AUDIT_CHECKPOINT_LAG",
+    "AUDIT_CHECKPOINT_REFUSALS",
+    "AUDIT_CHECKPOINT_SINK_FAILURES",
+    "AUDIT_DROPPED",
+    "AUDIT_EVENTS",
+    "AUDIT_FLUSH_DURATION",
+    "AUDIT_FLUSH_FAILURES",
+    "AUDIT_RECORD_WAITS",
+    "AUDIT_SUBJECT_DECRYPT_FAILURES",
     "AUTH_ATTEMPTS",
     "AUTH_LOCKOUTS",
     "CACHE_REQUESTS",
@@ -345,4 +358,82 @@ TENANT_QUOTA_REJECTIONS: Final = Counter(
     "Requests refused 429 QUOTA_EXCEEDED by a tenant quota, by quota (requests_per_day,"
     " api_calls_per_month, members); no tenant label: one series per tenant would not scale.",
     ["quota"],
+)
+
+# --- audit: the writer (issue 8) ---------------------------------------------------
+AUDIT_EVENTS: Final = Counter(
+    "bastion_audit_events_total",
+    "Audit events committed to the log, by mode (sync, async).",
+    ["mode"],
+)
+AUDIT_BUFFERED: Final = Gauge(
+    "bastion_audit_buffered_events",
+    "Audit events accepted (async mode) but not yet committed: what a crash would lose.",
+    multiprocess_mode="livesum",
+)
+AUDIT_FLUSH_DURATION: Final = Histogram(
+    "bastion_audit_flush_duration_seconds",
+    "Time one group commit of the async writer took, retries of conflicts included.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+AUDIT_BATCH_SIZE: Final = Histogram(
+    "bastion_audit_batch_size_events",
+    "Events per group commit of the async writer.",
+    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000),
+)
+AUDIT_FLUSH_FAILURES: Final = Counter(
+    "bastion_audit_flush_failures_total",
+    "Group commits that failed and were retried (the batch is kept), by error type"
+    " (unavailable: the database could not be reached; rejected: the batch was refused"
+    " and split to isolate the offending event).",
+    ["reason"],
+)
+AUDIT_DROPPED: Final = Counter(
+    "bastion_audit_dropped_events_total",
+    "Accepted audit events never committed, by reason (duplicate: its id is stored already;"
+    " rejected: the database refused the event itself; shutdown: still buffered when the"
+    " drain timed out).",
+    ["reason"],
+)
+AUDIT_RECORD_WAITS: Final = Counter(
+    "bastion_audit_record_waits_total",
+    "record() calls that found the async buffer full and waited, by result (accepted,"
+    " rejected: AuditUnavailable after audit.enqueue_timeout).",
+    ["result"],
+)
+AUDIT_SUBJECT_DECRYPT_FAILURES: Final = Counter(
+    "bastion_audit_subject_decrypt_failures_total",
+    "Sealed personal fields that did not decrypt with their subject's key (tampered, or"
+    " copied from another entry or column).",
+)
+
+
+# --- Audit: signed checkpoints (issue 8) -------------------------------------------
+AUDIT_CHECKPOINTS: Final = Counter(
+    "bastion_audit_checkpoints_total",
+    "Signed checkpoints stored (a log head whose size had no checkpoint yet).",
+)
+AUDIT_CHECKPOINT_SINK_FAILURES: Final = Counter(
+    "bastion_audit_checkpoint_sink_failures_total",
+    "Checkpoints a sink failed to write, by sink (its class name); the checkpoint is"
+    " stored all the same.",
+    ["sink"],
+)
+AUDIT_CHECKPOINT_LAG: Final = Gauge(
+    "bastion_audit_checkpoint_lag_seconds",
+    "After the last scheduled run, how long the log waiting longest has grown past its"
+    " latest checkpoint (0: every log signed); no log label: one series per tenant would"
+    " not scale.",
+    multiprocess_mode="max",
+)
+AUDIT_CHECKPOINT_REFUSALS: Final = Counter(
+    "bastion_audit_checkpoint_refusals_total",
+    "Checkpoints not signed because the log's head is not consistent with its latest"
+    " signed checkpoint (history rewritten or rolled back, or leaves missing), by reason.",
+    ["reason"],
+)
+AUDIT_CHECKPOINT_INVALID: Final = Counter(
+    "bastion_audit_checkpoint_invalid_total",
+    "Stored checkpoint rows skipped because their note does not verify with a trusted key"
+    " or does not match its row (counted each time one is read).",
 )

@@ -167,7 +167,8 @@ class RequestMiddleware:
             for name, value in scope["headers"]:
                 if name == _REQUEST_ID_HEADER:
                     raw_id = value
-                    break
+                elif name == _USER_AGENT:
+                    user_agent = value
         else:
             # One walk for every header the request and its span need; ASGI servers
             # lower-case names, so the W3C rule of case-insensitive names holds here.
@@ -199,6 +200,9 @@ class RequestMiddleware:
             # resolved once, here; without trusted proxies this costs one None check.
             client_ip = client_address(client_ip, scope["headers"])
         context = RequestContext(request_id, method, client_ip)
+        if user_agent is not None:
+            # Latin-1 maps every byte: a header is bytes, whatever a client put in it.
+            context.user_agent = user_agent.decode("latin-1")
         token = bind(context)
         status = 500
         response_started = False

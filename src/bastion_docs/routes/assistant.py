@@ -4,7 +4,11 @@ The answer comes from the configured LLM provider when it can give one, else
 from keyword search, marked ``degraded``; a provider outage never fails the
 request. Only the caller's tenant's documents are searched, sent to the
 provider and listed as sources, and asking needs ``documents:read``: the
-assistant reveals nothing its caller could not read.
+assistant reveals nothing its caller could not read. A match marked
+``sensitive`` is text of it read on the caller's behalf (sent to the provider,
+or quoted in a degraded answer), so each is recorded as ``document.read`` (with
+``{"via": "assistant"}``) before the provider is asked, as reading it with
+``GET /documents/{id}`` would be.
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
+from bastion.audit import Resource, audit_read
 from bastion.errors import ErrorCode, problem_responses
 from bastion.identity import require
 from bastion.tenancy import TenantId
 from bastion_docs.assistant import Assistant, search
-from bastion_docs.dependencies import DbSession
+from bastion_docs.dependencies import Audit, DbSession
 from bastion_docs.routes.documents import READ
 from bastion_docs.schemas import AssistantAnswer, AssistantQuestion, DegradedAnswer
 
@@ -40,9 +45,12 @@ async def assistant(request: Request) -> Assistant:
 )
 async def ask(
     payload: AssistantQuestion,
+    *,
     tenant: TenantId,
     session: DbSession,
     helper: Annotated[Assistant, Depends(assistant)],
+    audit: Audit,
+    request: Request,
 ) -> AssistantAnswer | DegradedAnswer:
     """Answer a question from the tenant's documents that match its keywords.
 
@@ -53,10 +61,27 @@ async def ask(
     match's title and first sentence instead; the provider's errors are never
     shown.
 
+    Each match marked ``sensitive`` is recorded as ``document.read`` first.
+
     Raises:
         Forbidden: the caller lacks ``documents:read``.
+        AuditUnavailable: the audit trail cannot take the reads (503); no
+            document was sent or quoted.
     """
     matches = await search(session, tenant, payload.question, limit=helper.settings.max_documents)
+    sensitive = [match for match in matches if match.sensitive]
+    if audit is not None and sensitive:
+        for match in sensitive:
+            await audit_read(
+                request,
+                Resource("document", str(match.id)),
+                tenant_id=tenant,
+                session=session,
+                details={"via": "assistant"},
+            )
+        # With audit.mode = "sync" the entries are in this session's transaction,
+        # committed before any of the documents' text leaves the service.
+        await session.commit()
     # The provider may take seconds: its call must not hold a pooled connection.
     await session.close()
     return await helper.answer(payload.question, matches)

@@ -9,13 +9,19 @@ request). A document of another tenant is answered exactly like one that does
 not exist (404 ``NOT_FOUND``), so ids cannot be probed for existence across
 tenants; a malformed id is a 404 as well, for the same reason and because no
 document can live at such a path.
+
+Every write is recorded in the audit trail (``document.create``, ``.update``,
+``.delete``) through the write's own session, so with ``audit.mode = "sync"`` the
+entry and the change commit together or not at all; reading a document marked
+``sensitive`` is recorded as ``document.read``. Entries name the document, never
+its title or body: those are the tenant's data, not facts about the action.
 """
 
 from __future__ import annotations
 
 import math
 import uuid
-from typing import Annotated, Final
+from typing import Annotated, Any, Final
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
@@ -23,6 +29,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import load_only
 
+from bastion.audit import AuditEvent, Resource
 from bastion.errors import (
     ErrorCode,
     FieldError,
@@ -33,7 +40,7 @@ from bastion.errors import (
 )
 from bastion.identity import Principal, require
 from bastion.tenancy import TenantId, scoped
-from bastion_docs.dependencies import DbSession
+from bastion_docs.dependencies import Audit, DbSession
 from bastion_docs.ids import uuid7
 from bastion_docs.models import Document, utc_now
 from bastion_docs.schemas import (
@@ -45,7 +52,15 @@ from bastion_docs.schemas import (
     PageLinks,
 )
 
-__all__ = ["PAGE_MAX", "PAGE_SIZE_DEFAULT", "PAGE_SIZE_MAX", "READ", "WRITE", "router"]
+__all__ = [
+    "AUDIT_ACTIONS",
+    "PAGE_MAX",
+    "PAGE_SIZE_DEFAULT",
+    "PAGE_SIZE_MAX",
+    "READ",
+    "WRITE",
+    "router",
+]
 
 PAGE_SIZE_DEFAULT: Final = 20
 PAGE_SIZE_MAX: Final = 100
@@ -57,6 +72,14 @@ READ: Final = "documents:read"
 """Permission to read and list the tenant's documents (and ask the assistant about them)."""
 WRITE: Final = "documents:write"
 """Permission to create, change and delete the tenant's documents."""
+
+AUDIT_ACTIONS: Final = {
+    "document.create": "A document was created.",
+    "document.update": "A document's title, body, tags or sensitivity changed.",
+    "document.delete": "A document was deleted.",
+    "document.read": "A document marked sensitive was read.",
+}
+"""The actions this router records, registered in the app's audit catalogue."""
 
 router = APIRouter(prefix="/documents", tags=["documents"])
 
@@ -78,6 +101,7 @@ _SUMMARY_COLUMNS: Final = load_only(
     Document.created_at,
     Document.updated_at,
     Document.version,
+    Document.sensitive,
 )
 
 
@@ -106,6 +130,24 @@ def _author(principal: Principal) -> dict[str, uuid.UUID | None]:
     return {"created_by": None, "created_by_api_key": None}
 
 
+async def _record(
+    audit: Audit,
+    session: DbSession,
+    action: str,
+    document_id: uuid.UUID,
+    tenant: uuid.UUID,
+    **details: Any,
+) -> None:
+    if audit is not None:
+        event = AuditEvent(
+            action=action,
+            tenant_id=tenant,
+            resource=Resource("document", str(document_id)),
+            details=details,
+        )
+        await audit.record(event, session=session)
+
+
 def _document_id(raw: str) -> uuid.UUID:
     try:
         return uuid.UUID(raw)
@@ -125,6 +167,7 @@ async def create_document(
     caller: Writer,
     tenant: TenantId,
     session: DbSession,
+    audit: Audit,
     request: Request,
     response: Response,
 ) -> DocumentOut:
@@ -148,9 +191,16 @@ async def create_document(
         created_at=now,
         updated_at=now,
         version=1,
+        sensitive=payload.sensitive,
     )
     session.add(document)
     try:
+        # Flushed before it is recorded: a row the database refuses is never audited
+        # as created, whichever the audit mode.
+        await session.flush()
+        await _record(
+            audit, session, "document.create", document.id, tenant, sensitive=payload.sensitive
+        )
         await session.commit()
     except IntegrityError as exc:
         # The tenant (an external issuer's claim, a trusted caller's header) or the
@@ -169,7 +219,7 @@ async def create_document(
     ),
 )
 async def read_document(
-    document_id: DocumentId, tenant: TenantId, session: DbSession
+    document_id: DocumentId, tenant: TenantId, session: DbSession, audit: Audit
 ) -> DocumentOut:
     """Return one document of the caller's tenant.
 
@@ -183,6 +233,10 @@ async def read_document(
     )
     if document is None:
         raise NotFound("No such document.")
+    if document.sensitive and audit is not None and audit.settings.sensitive_reads:
+        await _record(audit, session, "document.read", key, tenant)
+        # With audit.mode = "sync" the entry is in this session's transaction.
+        await session.commit()
     return DocumentOut.model_validate(document)
 
 
@@ -265,6 +319,7 @@ async def update_document(
     payload: DocumentPatch,
     tenant: TenantId,
     session: DbSession,
+    audit: Audit,
 ) -> DocumentOut:
     """Change some of a document's title, body and tags.
 
@@ -280,7 +335,7 @@ async def update_document(
     changes = payload.changes()
     if not changes:
         raise InvalidInput(
-            "A patch must change at least one of title, body and tags.",
+            "A patch must change at least one of title, body, tags and sensitive.",
             errors=[FieldError("body", "empty_patch", "Send at least one field to change.")],
         )
     # One UPDATE ... RETURNING: the version is incremented by the database, so two
@@ -295,6 +350,15 @@ async def update_document(
     document = (await session.scalars(statement)).one_or_none()
     if document is None:
         raise NotFound("No such document.")
+    await _record(
+        audit,
+        session,
+        "document.update",
+        key,
+        tenant,
+        fields=sorted(changes),
+        version=document.version,
+    )
     await session.commit()
     return DocumentOut.model_validate(document)
 
@@ -308,7 +372,9 @@ async def update_document(
         ErrorCode.UNAUTHENTICATED, ErrorCode.FORBIDDEN, ErrorCode.NOT_FOUND
     ),
 )
-async def delete_document(document_id: DocumentId, tenant: TenantId, session: DbSession) -> None:
+async def delete_document(
+    document_id: DocumentId, tenant: TenantId, session: DbSession, audit: Audit
+) -> None:
     """Delete a document for good.
 
     Raises:
@@ -321,4 +387,5 @@ async def delete_document(document_id: DocumentId, tenant: TenantId, session: Db
     )
     if deleted is None:
         raise NotFound("No such document.")
+    await _record(audit, session, "document.delete", key, tenant)
     await session.commit()

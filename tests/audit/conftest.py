@@ -1,0 +1,37 @@
+"""Fixtures of the audit tests that work on the tables directly (no app, no migrations)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from bastion.audit._tables import audit_metadata
+from bastion.data import Database
+from bastion.settings import DatabaseSettings
+
+
+@pytest.fixture(scope="module")
+def _module_postgres(request, _postgres_session_url, scratch_postgres) -> Iterator[str | None]:
+    """A PostgreSQL database of the test module's own (see tests/identity/conftest.py)."""
+    if _postgres_session_url is None:
+        yield None
+        return
+    with scratch_postgres(request.module.__name__.rpartition(".")[2]) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def database(request, sqlite_url: str, _module_postgres) -> AsyncIterator[Database]:
+    """Empty audit tables (made by ``create_all``, without the guards) on SQLite or PostgreSQL."""
+    if request.param == "sqlite":
+        url = sqlite_url
+    else:
+        request.getfixturevalue("postgres_url")  # fails in CI, skips elsewhere, when down
+        url = _module_postgres
+    db = Database(DatabaseSettings(url=url))
+    async with db.engine.begin() as connection:
+        await connection.run_sync(audit_metadata.drop_all)
+        await connection.run_sync(audit_metadata.create_all)
+    yield db
+    await db.aclose()

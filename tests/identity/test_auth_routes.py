@@ -473,7 +473,11 @@ class TestRefresh:
         responses = await asyncio.gather(
             *(client.post("/v1/auth/refresh", json={"refresh_token": token}) for _ in range(2))
         )
-        assert [200, 401] == sorted(response.status_code for response in responses)
+        statuses = sorted(response.status_code for response in responses)
+        # The other finds the token spent (401), or on SQLite, where the audit trail's
+        # writer commits too, may run out of busy retries first (409, "retry").
+        assert 200 == statuses[0]
+        assert statuses[1] in {401, 409}
 
     async def test_switching_tenant(self, client, identity):
         """refresh with a tenant the user belongs to answers a token for that tenant."""

@@ -90,6 +90,22 @@ def scratch_postgres() -> Callable[[str], contextlib.AbstractContextManager[str]
     return _scratch_postgres
 
 
+@pytest.fixture(scope="module")
+def _module_postgres(request, _postgres_session_url, scratch_postgres) -> Iterator[str | None]:
+    """A PostgreSQL database of the test module's own, for tables made by ``create_all``.
+
+    Not the session's database: there, the tables come from bastion's migrations
+    (which would find tables made by ``create_all`` and refuse to run), and other
+    tests' rows would disturb counts. ``None`` when PostgreSQL is unreachable (the
+    test's ``postgres_url`` then fails in CI and skips elsewhere).
+    """
+    if _postgres_session_url is None:
+        yield None
+        return
+    with scratch_postgres(request.module.__name__.rpartition(".")[2]) as url:
+        yield url
+
+
 @pytest.fixture
 def service_unavailable() -> Callable[[str, str], None]:
     """Report a service a test needs as unreachable: fails in CI, skips and counts elsewhere.

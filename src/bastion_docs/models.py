@@ -39,7 +39,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from bastion.data.types import UtcDateTime, utc_now
+from bastion.data.types import NAMING_CONVENTION, UtcDateTime, utc_now
 from bastion.identity import api_keys, tenants, users
 from bastion_docs.ids import uuid7
 
@@ -56,15 +56,6 @@ DOCUMENT_TITLE_MAX: Final = 200
 
 # Explicit constraint names, so migrations can refer to them and they are the
 # same on SQLite and PostgreSQL.
-NAMING_CONVENTION: Final = {
-    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
-
-
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 

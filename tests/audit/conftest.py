@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
 from bastion.audit._tables import audit_metadata
 from bastion.data import Database
 from bastion.settings import DatabaseSettings
-
-
-@pytest.fixture(scope="module")
-def _module_postgres(request, _postgres_session_url, scratch_postgres) -> Iterator[str | None]:
-    """A PostgreSQL database of the test module's own (see tests/identity/conftest.py)."""
-    if _postgres_session_url is None:
-        yield None
-        return
-    with scratch_postgres(request.module.__name__.rpartition(".")[2]) as url:
-        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
 from bastion.data import Database
 from bastion.identity._tables import identity_metadata
 from bastion.settings import DatabaseSettings
-
-
-@pytest.fixture(scope="module")
-def _module_postgres(request, _postgres_session_url, scratch_postgres) -> Iterator[str | None]:
-    """A PostgreSQL database of the test module's own.
-
-    Not the session's database: there, the tables come from bastion's migrations
-    (which would find tables made by ``create_all`` and refuse to run), and other
-    tests' rows would disturb counts.
-    """
-    if _postgres_session_url is None:
-        yield None
-        return
-    with scratch_postgres(request.module.__name__.rpartition(".")[2]) as url:
-        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -43,7 +43,7 @@ from sqlalchemy import (
     Uuid,
 )
 
-from bastion.data.types import UtcDateTime
+from bastion.data.types import NAMING_CONVENTION, UtcDateTime
 
 __all__ = [
     "ACTION_MAX",
@@ -71,15 +71,7 @@ TRACE_ID_MAX: Final = 32
 SUBJECT_MAX: Final = 200
 KEY_NAME_MAX: Final = 200
 
-audit_metadata = MetaData(
-    naming_convention={
-        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-        "ck": "ck_%(table_name)s_%(constraint_name)s",
-        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-        "pk": "pk_%(table_name)s",
-    }
-)
+audit_metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 entries = Table(
     "bastion_audit_entries",

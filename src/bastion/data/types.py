@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import DateTime, Dialect, TypeDecorator
 
-__all__ = ["UtcDateTime", "utc_now"]
+__all__ = ["NAMING_CONVENTION", "UtcDateTime", "utc_now"]
+
+NAMING_CONVENTION: Final = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+"""Constraint and index names of bastion's tables and the reference service's: stable
+names that migrations can refer to, the same on SQLite and PostgreSQL."""
 
 
 def utc_now() -> datetime:

@@ -33,7 +33,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-from bastion.data.types import UtcDateTime
+from bastion.data.types import NAMING_CONVENTION, UtcDateTime
 
 __all__ = [
     "EMAIL_MAX",
@@ -56,15 +56,7 @@ SLUG_MAX: Final = 63
 ROLE_MAX: Final = 64
 _HASH_BYTES: Final = 32
 
-identity_metadata = MetaData(
-    naming_convention={
-        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-        "ck": "ck_%(table_name)s_%(constraint_name)s",
-        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-        "pk": "pk_%(table_name)s",
-    }
-)
+identity_metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 _JSON = JSON().with_variant(JSONB(), "postgresql")
 

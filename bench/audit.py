@@ -576,7 +576,21 @@ async def _service_cases(args: argparse.Namespace, url: str) -> tuple[dict[str, 
             f"{statistics.median(p99[name]):>9.1f}{statistics.median(server_cpu[name]):>12,.0f}"
             f"{min(audited[name]):>13.2f}"
         )
-    samples["service ratio"] = [rates["service, audit async"] / off]
+    # Paired by round: each round runs every variant back to back, so a round's ratio
+    # shares that round's machine weather; the median of the pairs drifts far less than
+    # the ratio of the medians when the load of the shared cores wanders.
+    paired = [
+        with_audit / without
+        for with_audit, without in zip(
+            samples["service, audit async"], samples["service, audit off"], strict=True
+        )
+    ]
+    lines.append(
+        "async / off by round: "
+        + ", ".join(f"{value:.2f}" for value in paired)
+        + f"; median {statistics.median(paired):.2f}x"
+    )
+    samples["service ratio"] = paired
     return samples, "\n".join(lines)
 
 
@@ -657,7 +671,10 @@ async def _main(args: argparse.Namespace) -> int:
     name = f"bastion_bench_audit_{os.getpid()}_{secrets.token_hex(3)}"
     await _admin(f"{base}/postgres", f'CREATE DATABASE "{name}"')
     try:
-        samples, cpu_us = await _database_cases(args, f"{base}/{name}")
+        samples: dict[str, list[float]] = {}
+        cpu_us: dict[str, float] = {}
+        if not args.service_only:
+            samples, cpu_us = await _database_cases(args, f"{base}/{name}")
         service: dict[str, list[float]] = {}
         service_note = "skipped (--skip-service)"
         if not args.skip_service:
@@ -738,6 +755,9 @@ def main() -> int:
     parser.add_argument("--sync-concurrency", type=int, default=8, help="tasks (sync cases)")
     parser.add_argument("--url", default=DEFAULT_URL, help="PostgreSQL server, no database")
     parser.add_argument("--skip-service", action="store_true", help="skip the wrk figure")
+    parser.add_argument(
+        "--service-only", action="store_true", help="only the wrk figure (no database cases)"
+    )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections")
     args = parser.parse_args()

@@ -272,6 +272,123 @@ TENANTS = Row(
 )
 SERVICE = (*SERVICE, TENANTS)
 
+FLAGS = Row(
+    "Feature flags",
+    (
+        Panel(
+            "Evaluations by reason",
+            (
+                Query(
+                    f"sum by (reason) (rate(bastion_flags_evaluations_total{{{SEL}}}[{RATE}]))",
+                    "{{reason}}",
+                ),
+            ),
+            unit="ops",
+            stack=True,
+            description="Counted in process and added to the counter at every poll "
+            "(flags.poll_interval), so up to one interval behind. ERROR: a key not in the set, "
+            "a malformed flag or context. Alert: BastionFlagsEvaluationErrors.",
+        ),
+        Panel(
+            "Evaluations by flag (top 10)",
+            (
+                Query(
+                    "topk(10, sum by (flag) "
+                    f"(rate(bastion_flags_evaluations_total{{{SEL}}}[{RATE}])))",
+                    "{{flag}}",
+                ),
+            ),
+            unit="ops",
+            description="`<unknown>`: keys asked for that are not in the set.",
+        ),
+        Panel(
+            "Set checks by trigger and outcome",
+            (
+                Query(
+                    "sum by (trigger, outcome) "
+                    f"(rate(bastion_flags_refresh_total{{{SEL}}}[{RATE}]))",
+                    "{{trigger}} {{outcome}}",
+                ),
+            ),
+            unit="ops",
+            description="poll: every flags.poll_interval; notify: another instance's change; "
+            "change: a write here; error: the database did not answer (the last set serves).",
+        ),
+        Panel(
+            "Seconds since the set was confirmed current (stalest instance)",
+            (
+                Query(
+                    "time() - min by (instance) "
+                    f"(bastion_flags_last_refresh_timestamp_seconds{{{SEL}}} > 0)",
+                    "{{instance}}",
+                ),
+            ),
+            unit="s",
+            description="Stays under flags.poll_interval while the database answers. "
+            "Alert: BastionFlagsStale.",
+        ),
+        Panel(
+            "Revision served and flags in the set",
+            (
+                Query(f"min by (instance) (bastion_flags_revision{{{SEL}}})", "{{instance}}"),
+                Query(f"max(bastion_flags_loaded{{{SEL}}})", "flags"),
+            ),
+            description="Every instance serves the same revision within a second of a change; "
+            "one lagging behind is missing notifications and polls.",
+        ),
+        Panel(
+            "Propagation (publish to served, notification path)",
+            tuple(
+                Query(
+                    f"histogram_quantile({q}, sum by (le) "
+                    f"(rate(bastion_flags_propagation_seconds_bucket{{{SEL}}}[{RATE}])))",
+                    f"p{round(q * 100)}",
+                )
+                for q in (0.5, 0.99)
+            ),
+            unit="s",
+            description="Measured on the receiving instance against the publisher's clock.",
+        ),
+        Panel(
+            "Regex timeouts and invalid stored flags",
+            (
+                Query(
+                    f"sum(rate(bastion_flags_regex_timeouts_total{{{SEL}}}[{RATE}]))",
+                    "regex timeouts/s",
+                ),
+                Query(f"max(bastion_flags_invalid_rows{{{SEL}}})", "invalid rows"),
+            ),
+            description="Regex timeouts: a REGEX constraint ran past flags.regex_timeout and "
+            "its evaluation served the default (ERROR). Invalid rows: stored flags or segments "
+            "skipped at the last load because they no longer validate; the log names them.",
+        ),
+        Panel(
+            "Change notifications subscribed",
+            (
+                Query(
+                    f"min by (instance) (bastion_flags_notifier_up{{{SEL}}})",
+                    "{{instance}}",
+                ),
+            ),
+            kind="state-timeline",
+            width=24,
+            height=5,
+            mappings=(
+                {
+                    "type": "value",
+                    "options": {
+                        "0": {"text": "POLLING ONLY", "color": "red", "index": 0},
+                        "1": {"text": "SUBSCRIBED", "color": "green", "index": 1},
+                    },
+                },
+            ),
+            description="0: Redis is down for this instance; changes reach it by polling. "
+            "Alert: BastionFlagsNotifierDown.",
+        ),
+    ),
+)
+SERVICE = (*SERVICE, FLAGS)
+
 DATABASE = (
     Row(
         "Queries",

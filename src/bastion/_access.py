@@ -9,6 +9,7 @@ from enum import Enum
 
 from starlette.requests import Request
 
+from bastion.context import current_context
 from bastion.errors import Forbidden, Unauthenticated
 
 __all__ = ["AccessDecision", "AccessPolicy"]
@@ -27,7 +28,9 @@ class AccessPolicy:
     """Admits callers from allowed networks that present the token, when one is set.
 
     Args:
-        allowed_networks: CIDRs the peer address must fall in; empty admits every peer.
+        allowed_networks: CIDRs the client address must fall in; empty admits every client.
+            The client address is the one resolved through ``http.trusted_proxies``
+            (the request context's ``client_ip``); outside a request context, the peer.
         token: the bearer token callers must present; ``None`` asks for none.
 
     Example:
@@ -43,7 +46,15 @@ class AccessPolicy:
     def decide(self, request: Request) -> AccessDecision:
         """Return whether ``request`` is admitted and, if not, why."""
         if self._networks:
-            host = request.client.host if request.client else None
+            # Behind a trusted proxy the socket peer is the proxy, often on loopback:
+            # checking it would admit every caller the proxy forwards. The request
+            # middleware resolved the client once (the proxy's header, believed only
+            # from a trusted peer; the peer itself otherwise).
+            context = current_context()
+            if context is not None:
+                host = context.client_ip
+            else:
+                host = request.client.host if request.client else None
             try:
                 address = ipaddress.ip_address(host or "")
             except ValueError:

@@ -21,7 +21,7 @@ from bastion.data import MigrationError, Migrator
 from bastion.errors import FieldError, InvalidInput, ServiceUnavailable
 from bastion.observability._health import operational_route
 
-__all__ = ["ADMIN_PREFIX", "AdminRoutes"]
+__all__ = ["ADMIN_PREFIX", "AdminRoutes", "query_limit"]
 
 logger = structlog.get_logger("bastion.admin")
 
@@ -56,7 +56,11 @@ class AdminRoutes:
         ``?limit=N`` (1-1000, default 100) bounds the history, newest first.
         """
         assert self._migrator is not None  # noqa: S101 -- routes() mounts it only with one
-        limit = _limit(request.query_params.get("limit"))
+        limit = query_limit(
+            request.query_params.get("limit"),
+            default=DEFAULT_HISTORY_LIMIT,
+            maximum=MAX_HISTORY_LIMIT,
+        )
         try:
             statuses = await self._migrator.status()
             verification = await self._migrator.verify()
@@ -101,17 +105,25 @@ class AdminRoutes:
         return guarded
 
 
-def _limit(raw: str | None) -> int:
+def query_limit(raw: str | None, *, default: int, maximum: int) -> int:
+    """The ``limit`` query parameter of an admin list: 1 to ``maximum``, ``default`` when absent.
+
+    Raises:
+        InvalidInput: not a whole number in range (422 ``out_of_range``).
+    """
     if raw is None:
-        return DEFAULT_HISTORY_LIMIT
-    if raw.isascii() and raw.isdigit() and 1 <= int(raw) <= MAX_HISTORY_LIMIT:
-        return int(raw)
+        return default
+    # The length check first: int() of a long digit string is quadratic.
+    if len(raw) <= len(str(maximum)) and raw.isascii() and raw.isdigit():
+        value = int(raw)
+        if 1 <= value <= maximum:
+            return value
     raise InvalidInput(
         errors=[
             FieldError(
                 "query.limit",
                 "out_of_range",
-                f"limit must be a whole number from 1 to {MAX_HISTORY_LIMIT}.",
+                f"limit must be a whole number from 1 to {maximum}.",
             )
         ]
     )

@@ -508,7 +508,9 @@ def check_workers(settings: Settings) -> list[Finding]:
     """What goes wrong with ``server.workers`` > 1: per-process state, and SQLite.
 
     Every component that keeps its state in ``memory://`` keeps one copy per
-    worker, so rate limits, lockouts and flag changes multiply or diverge.
+    worker, so rate limits and lockouts multiply or diverge. Flags are the
+    exception: they live in the database, and without Redis a change reaches the
+    other workers by polling, within ``flags.poll_interval``: a note, not a warning.
     SQLite takes one writer at a time, so workers queue on its lock.
     """
     workers = settings.server.workers
@@ -520,13 +522,25 @@ def check_workers(settings: Settings) -> list[Finding]:
         for backend in shared_state_backends(settings)
         if _kind_or_none(backend.url) is BackendKind.MEMORY
     ]
+    if "flags" in memory:
+        memory.remove("flags")
+        findings.append(
+            Finding(
+                "workers: flag changes",
+                Status.NOTE,
+                f"flag changes reach the other workers by polling the database, within "
+                f"flags.poll_interval ({settings.flags.poll_interval:g} s), not at once",
+                "set BASTION_REDIS__URL (or BASTION_FLAGS__STORE_URL) for changes in "
+                "under a second",
+            )
+        )
     if memory:
         findings.append(
             Finding(
                 "workers: shared state",
                 Status.WARNING,
                 f"{', '.join(memory)} keep their state in memory:// with {workers} workers: "
-                f"each worker has its own copy, so rate limits, lockouts and flag changes "
+                f"each worker has its own copy, so rate limits and lockouts "
                 f"multiply by {workers} or diverge",
                 "set BASTION_REDIS__URL=redis://HOST:6379/0 (used by every component), "
                 "or one component's BASTION_<SECTION>__STORE_URL",
@@ -602,7 +616,12 @@ def _production_risks(settings: Settings) -> Iterable[Finding]:
             "health probes answer anyone; readiness names the dependencies it checks",
             "set BASTION_HEALTH__ALLOWED_NETWORKS or BASTION_HEALTH__TOKEN",
         )
-    memory = [b.section for b in shared_state_backends(settings) if b.url.startswith("memory:")]
+    memory = [
+        b.section
+        for b in shared_state_backends(settings)
+        # Flags poll the database without Redis: replicas converge, only more slowly.
+        if b.url.startswith("memory:") and b.section != "flags"
+    ]
     if memory and settings.server.workers <= 1:
         yield Finding(
             "production: shared state",

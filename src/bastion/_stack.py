@@ -39,6 +39,8 @@ from bastion.errors import (
     problem_responses,
     set_problem_type_base,
 )
+from bastion.flags._build import FlagsRuntime, build_flags, start_flags, stop_flags
+from bastion.flags._routes import admin_flag_routes, client_flag_routes
 from bastion.identity import jwks_route, protected_operations
 from bastion.identity._build import (
     build_identity,
@@ -97,6 +99,8 @@ PRIORITY_MIGRATIONS = 20
 # After migrations (its tables must exist, and it records the run), stopped before the
 # pools close: the drain's last group commit still has its connection.
 PRIORITY_AUDIT = 25
+# After audit (flag writes are recorded in it, the seed import included), stopped before it.
+PRIORITY_FLAGS = 26
 
 
 @dataclass(slots=True)
@@ -119,6 +123,9 @@ class Bastion:
             ``identity.enabled`` or the database is off.
         audit: the audit trail (``audit.log.record(event)``), or ``None`` when
             ``audit.enabled`` or the database is off.
+        flags: the feature flags (``flags.flags.is_enabled(key, context)``), or
+            ``None`` when ``flags.enabled`` is off; without the database, the seed
+            file's flags, read-only.
     """
 
     settings: Settings
@@ -132,6 +139,7 @@ class Bastion:
     ratelimit: RateLimiter | None = None
     identity: Identity | None = None
     audit: AuditRuntime | None = None
+    flags: FlagsRuntime | None = None
 
 
 def install(app: Starlette, *, settings: Settings | None = None, **overrides: Any) -> Bastion:
@@ -145,7 +153,9 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
     secrets checked first, the principal of every request bound from its access
     token, API key or trusted header, and the ``/v1/auth``, ``/v1/tenants``,
     ``/v1/api-keys`` and JWKS routes; and the audit trail: every security event,
-    migration and lockout unlock recorded, and ``/admin/audit`` to read it.
+    migration and lockout unlock recorded, and ``/admin/audit`` to read it; and
+    feature flags: stored in the database, evaluated in process, kept current on
+    every instance, with ``/admin/features`` and ``GET /api/features``.
 
     Example:
         >>> app = FastAPI()
@@ -215,6 +225,15 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
         migrator=migrator,
         migrated=migrated,
     )
+    flags = _install_flags(
+        app,
+        settings,
+        lifecycle=lifecycle,
+        health=health,
+        database=database,
+        redis=redis,
+        audit=audit,
+    )
 
     if tracing is not None:
         # Last at shutdown (lowest priority): spans of the pools' closing are exported too.
@@ -238,6 +257,7 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
         limiter,
         identity,
         audit,
+        flags,
     )
     app.state.bastion = runtime
 
@@ -249,7 +269,7 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
     # The middleware answers GET and HEAD on the probes; at the router's end the same
     # routes give other methods a 405 with Allow, and cost app requests nothing.
     app.router.routes.extend(probes)
-    admin = _admin_routes(settings, migrator, limiter, identity, audit)
+    admin = _admin_routes(settings, migrator, limiter, identity, audit, flags=flags)
     app.router.routes.extend(admin)
     app.router.routes.extend(_install_metrics(settings))
     if identity is not None and settings.identity.routes:
@@ -461,6 +481,51 @@ def _install_audit(
     lifecycle.on_startup("audit trail", start, priority=PRIORITY_AUDIT)
     lifecycle.on_shutdown("stop audit trail", stop, priority=PRIORITY_AUDIT)
     return audit
+
+
+def _install_flags(
+    app: Starlette,
+    settings: Settings,
+    *,
+    lifecycle: Lifecycle,
+    health: HealthRegistry,
+    database: Database | None,
+    redis: Any,
+    audit: AuditRuntime | None,
+) -> FlagsRuntime | None:
+    if not settings.flags.enabled:
+        return None
+    # Notifications travel over flags.store_url, else the shared Redis; memory://
+    # (or no Redis) leaves the polling.
+    client, own_client = _state_client(settings, "flags", redis)
+    flags = build_flags(
+        settings,
+        database=database,
+        redis=client,
+        audit=audit.log if audit is not None else None,
+    )
+    # Beside the app's routes, not the admin ones: identity binds the caller there.
+    app.router.routes.extend(client_flag_routes(flags, settings))
+    if flags.store is not None:
+        # Without the database the seed file's set is compiled at start-up and cannot
+        # fail to load: nothing to check. With it, an instance that never loaded the
+        # set (tables missing, database down since start) would serve every default.
+        health.register("flags", flags.health_check)
+        # Not critical: a stale set still serves (the last one loaded); the alert and
+        # this check say the database has not answered the polls for a while.
+        health.register("flags_freshness", flags.freshness_check, critical=False)
+
+    async def start() -> None:
+        await start_flags(flags)
+
+    async def stop() -> None:
+        await stop_flags(flags)
+        if own_client is not None:
+            await own_client.aclose()
+
+    lifecycle.on_startup("feature flags", start, priority=PRIORITY_FLAGS)
+    lifecycle.on_shutdown("stop feature flags", stop, priority=PRIORITY_FLAGS)
+    return flags
 
 
 def _identity_free_admin(admin: list[BaseRoute], audit: AuditRuntime | None) -> tuple[str, ...]:
@@ -720,6 +785,8 @@ def _admin_routes(
     limiter: RateLimiter | None,
     identity: Identity | None,
     audit: AuditRuntime | None,
+    *,
+    flags: FlagsRuntime | None = None,
 ) -> list[BaseRoute]:
     access = _admin_access(settings)
     routes: list[BaseRoute] = list(AdminRoutes(access=access, migrator=migrator).routes())
@@ -729,6 +796,8 @@ def _admin_routes(
         routes.extend(tenant_admin_routes(access))
     if audit is not None:
         routes.extend(_audit_routes(settings, access, audit))
+    if flags is not None:
+        routes.extend(admin_flag_routes(flags, settings, access))
     return routes
 
 

@@ -15,6 +15,7 @@ The tree::
     ├── Forbidden                   FORBIDDEN (403)
     ├── Unauthenticated             UNAUTHENTICATED (401)
     ├── PreconditionFailed          PRECONDITION_FAILED (412)
+    ├── PreconditionRequired        PRECONDITION_REQUIRED (428)
     ├── ServiceUnavailable          SERVICE_UNAVAILABLE (503)
     ├── DependencyFailure           DEPENDENCY_FAILURE (502)
     └── ConfigurationError          not an HTTP error: stops start-up
@@ -46,6 +47,7 @@ __all__ = [
     "InvalidInput",
     "NotFound",
     "PreconditionFailed",
+    "PreconditionRequired",
     "ServiceUnavailable",
     "Unauthenticated",
     "code_for_status",
@@ -288,6 +290,16 @@ class PreconditionFailed(BastionError):
     """A conditional request header did not match the resource's current state."""
 
     code = ErrorCode.PRECONDITION_FAILED
+
+
+class PreconditionRequired(BastionError):
+    """A write that must be conditional came without ``If-Match`` (RFC 6585).
+
+    Refusing it, rather than applying it unconditionally, is what stops two
+    writers from silently overwriting each other's changes.
+    """
+
+    code = ErrorCode.PRECONDITION_REQUIRED
 
 
 class ServiceUnavailable(BastionError):

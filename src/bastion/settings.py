@@ -886,7 +886,31 @@ class AuditSettings(SectionSettings):
 
 
 class FlagsSettings(SharedStateSection):
-    """Feature flags (a later issue fills this section in)."""
+    """Feature flags: stored in the database, evaluated in process, changes pushed over Redis.
+
+    ``store_url`` is where change notifications travel (Redis pub/sub); ``None``
+    means ``redis.url`` when set; ``memory://`` (or Redis down) leaves the polling.
+    """
+
+    poll_interval: Seconds = Field(default=5.0, gt=0)
+    """Seconds between checks of the flags' revision in the database: how fast a change
+    reaches an instance that missed its notification (Redis absent, down or partitioned)."""
+    seed_file: Path | None = None
+    """A YAML or JSON file (Unleash export or bastion's format) imported at start-up
+    when the database holds no flag yet; later starts leave the stored flags alone."""
+    environment: str | None = None
+    """The ``environment`` of every evaluation context that names none; ``None``: the
+    top-level ``environment`` setting."""
+    app_name: str | None = None
+    """The ``appName`` of every evaluation context that names none."""
+    regex_timeout: Seconds = Field(default=0.005, gt=0)
+    """Longest a ``REGEX`` constraint may run on one value. A search that runs longer ends
+    that flag's evaluation with reason ``ERROR`` (the default is served) and counts in
+    ``bastion_flags_regex_timeouts_total``: a pathological pattern cannot stall the loop."""
+    admin_routes: bool = True
+    """Mount ``/admin/features`` (list, create, update, delete, toggle, evaluate)."""
+    client_route: str | None = "/api/features"
+    """Path of the front ends' route (the calling user's client-visible flags); ``None``: none."""
 
 
 class GuardSettings(SectionSettings):

@@ -18,6 +18,8 @@ tenant. The service adds its document permissions to bastion's roles
 
 from __future__ import annotations
 
+from importlib.resources import files
+from pathlib import Path
 from typing import Any, Final
 
 import httpx
@@ -33,10 +35,15 @@ from bastion_docs.conformance import conformance_router
 from bastion_docs.routes import v1
 from bastion_docs.routes.documents import AUDIT_ACTIONS, READ, WRITE
 
-__all__ = ["DEFAULT_RATE_LIMIT", "DOCUMENT_PERMISSIONS", "MIGRATIONS", "create_app"]
+__all__ = ["DEFAULT_RATE_LIMIT", "DOCUMENT_PERMISSIONS", "FLAGS_SEED", "MIGRATIONS", "create_app"]
 
 MIGRATIONS: Final = "bastion_docs:migrations"
 """Where the service's Alembic tree lives, as ``package:directory``."""
+
+FLAGS_SEED: Final = Path(str(files("bastion_docs") / "flags.yaml"))
+"""The service's feature flags (``assistant``, its kill switch; ``new-editor``, a
+client-visible rollout), imported when the database holds no flag yet, unless
+``flags.seed_file`` names another file."""
 
 DEFAULT_RATE_LIMIT: Final = "20/second;1000/hour"
 """The service's ``ratelimit.default`` unless configured (``BASTION_RATELIMIT__DEFAULT``,
@@ -88,8 +95,9 @@ def create_app(*, llm: dict[str, Any] | LLMSettings | None = None, **overrides: 
     The service's migration tree is added to the ``migrations`` section, so
     start-up (in ``auto`` mode) or ``bastion migrate upgrade`` brings its
     tables to the latest revision along with bastion's own. Unless a source
-    sets them, the service adds its default rate limit and its document
-    permissions to bastion's roles (:data:`DOCUMENT_PERMISSIONS`).
+    sets them, the service adds its default rate limit, its document
+    permissions to bastion's roles (:data:`DOCUMENT_PERMISSIONS`) and its
+    flags' seed file (:data:`FLAGS_SEED`).
 
     Args:
         llm: the assistant's LLM provider, over the ``BASTION_DOCS_LLM_*``
@@ -134,7 +142,7 @@ def create_app(*, llm: dict[str, Any] | LLMSettings | None = None, **overrides: 
 
 
 def _with_service_defaults(overrides: dict[str, Any]) -> dict[str, Any]:
-    # The service ships a default limit and its roles, yet any source may set others:
+    # The service ships a default limit, its roles and its flags, yet any source may set others:
     # the settings are loaded first, and a default goes in only where no source set one.
     settings = overrides.get("settings")
     if isinstance(settings, bastion.Settings):
@@ -146,6 +154,9 @@ def _with_service_defaults(overrides: dict[str, Any]) -> dict[str, Any]:
         settings = settings.model_copy(update={"ratelimit": ratelimit})
     if "roles" not in settings.identity.model_fields_set:
         settings = _with_document_permissions(settings)
+    if "seed_file" not in settings.flags.model_fields_set:
+        flags = settings.flags.model_copy(update={"seed_file": FLAGS_SEED})
+        settings = settings.model_copy(update={"flags": flags})
     # Anything besides settings= is passed on, for install() to refuse the mix as usual.
     return {**rest, "settings": settings}
 

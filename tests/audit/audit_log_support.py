@@ -80,11 +80,17 @@ async def build_log(
 
 
 def signed_checkpoint(
-    signer: NoteSigner, log_id: str, size: int, root: bytes, *, origin: str = "bastion"
+    signer: NoteSigner,
+    log_id: str,
+    size: int,
+    root: bytes,
+    *,
+    origin: str = "bastion",
+    at: dt.datetime = EPOCH,
 ) -> Checkpoint:
-    """A checkpoint of ``log_id`` at ``size`` signed by ``signer``."""
-    body = checkpoint_body(f"{origin}/{log_id}", size, root, EPOCH)
-    return Checkpoint(f"{origin}/{log_id}", size, root, EPOCH, signer.sign(body), signer.name)
+    """A checkpoint of ``log_id`` at ``size`` signed by ``signer`` (at ``at``)."""
+    body = checkpoint_body(f"{origin}/{log_id}", size, root, at)
+    return Checkpoint(f"{origin}/{log_id}", size, root, at, signer.sign(body), signer.name)
 
 
 async def add_checkpoints(
@@ -93,11 +99,15 @@ async def add_checkpoints(
     log_id: str,
     rows: list[dict[str, Any]],
     sizes: list[int],
+    *,
+    times: list[dt.datetime] | None = None,
 ) -> list[Checkpoint]:
-    """Store signed checkpoints of the log made of ``rows`` at each of ``sizes``."""
+    """Store signed checkpoints of the log made of ``rows`` at each of ``sizes`` (and ``times``)."""
     made = [
-        signed_checkpoint(signer, log_id, size, root_of([row["leaf_hash"] for row in rows[:size]]))
-        for size in sizes
+        signed_checkpoint(
+            signer, log_id, size, root_of([row["leaf_hash"] for row in rows[:size]]), at=at
+        )
+        for size, at in zip(sizes, times or [EPOCH] * len(sizes), strict=True)
     ]
     if not made:
         return made

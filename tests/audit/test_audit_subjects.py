@@ -16,7 +16,7 @@ from bastion.audit._subjects import (
     subject_for_user,
 )
 from bastion.audit._tables import entries, subject_keys
-from bastion.audit._writer import AuditLog
+from bastion.audit._writer import AuditLog, AuditUnavailable
 from bastion.observability.metrics import AUDIT_SUBJECT_DECRYPT_FAILURES
 from bastion.settings import AuditSettings
 
@@ -186,3 +186,52 @@ class TestErasure:
         rows = await stored_rows(database)
         opened = await keys.open_many([(row[13], "ip", row[15]) for row in rows])
         assert [None, "192.0.2.2"] == opened
+
+
+class TestUnreadableKeys:
+    async def test_key_that_does_not_unwrap_reads_as_unreadable(self, database):
+        """A key wrapped under another encryption key reads as unreadable; the rest still opens."""
+        writer_keys = keys_on(database)
+        audit = AuditLog(AuditSettings(mode="sync"), database=database, subject_keys=writer_keys)
+        await audit.record(AuditEvent(action="auth.logout", actor=Actor.user("1"), ip="192.0.2.1"))
+        await audit.record(AuditEvent(action="auth.logout", actor=Actor.user("2"), ip="192.0.2.2"))
+        rows = await stored_rows(database)
+        # User 1's key re-wrapped under a different master key: a changed
+        # audit.encryption_key, or a row replaced by someone without the key.
+        stranger = SubjectKeys(database=database, master_key=b"x" * 32, cache_ttl=60)
+        async with database.session() as session:
+            await session.execute(
+                subject_keys.update()
+                .where(subject_keys.c.subject == "user:1")
+                .values(wrapped_key=stranger._wrap("user:1", b"k" * 32))
+            )
+        failures = AUDIT_SUBJECT_DECRYPT_FAILURES._value.get()
+
+        opened = await keys_on(database).open_many([(row[13], "ip", row[15]) for row in rows])
+
+        assert [None, "192.0.2.2"] == opened
+        assert AUDIT_SUBJECT_DECRYPT_FAILURES._value.get() == failures + 1
+
+    async def test_recording_for_a_key_that_does_not_unwrap_is_refused_with_503(self, database):
+        """Sync recording under an unusable stored key answers AuditUnavailable, storing nothing."""
+        keys = keys_on(database)
+        audit = AuditLog(AuditSettings(mode="sync"), database=database, subject_keys=keys)
+        await audit.record(AuditEvent(action="auth.logout", actor=Actor.user("1"), ip="192.0.2.1"))
+        stranger = SubjectKeys(database=database, master_key=b"x" * 32, cache_ttl=60)
+        async with database.session() as session:
+            await session.execute(
+                subject_keys.update()
+                .where(subject_keys.c.subject == "user:1")
+                .values(wrapped_key=stranger._wrap("user:1", b"k" * 32))
+            )
+        fresh = AuditLog(
+            AuditSettings(mode="sync"), database=database, subject_keys=keys_on(database)
+        )
+
+        with pytest.raises(AuditUnavailable, match="does not unwrap") as raised:
+            await fresh.record(
+                AuditEvent(action="auth.logout", actor=Actor.user("1"), ip="192.0.2.9")
+            )
+
+        assert 503 == raised.value.status
+        assert 1 == len(await stored_rows(database))

@@ -415,6 +415,43 @@ class TestVerifyFindsTampering:
         assert [("checkpoint_forged", 50, None)] == kinds(await run(database, signer))
 
 
+class TestCheckpointTimes:
+    async def test_a_larger_tree_signed_earlier_is_reported(self, database, signer):
+        """A checkpoint signed well before a smaller tree's means the key signed out of order."""
+        rows = await build_log(database, "global", 100)
+        noon = dt.datetime(2026, 6, 1, 12, tzinfo=dt.UTC)
+        await add_checkpoints(
+            database,
+            signer,
+            "global",
+            rows,
+            [10, 50, 100],
+            times=[noon, noon + dt.timedelta(hours=1), noon - dt.timedelta(days=1)],
+        )
+        assert [("checkpoint_time", 100, None)] == kinds(await run(database, signer))
+
+    async def test_a_small_clock_step_back_is_tolerated(self, database, signer):
+        """A signer whose clock stepped back a minute is not reported."""
+        rows = await build_log(database, "global", 100)
+        noon = dt.datetime(2026, 6, 1, 12, tzinfo=dt.UTC)
+        await add_checkpoints(
+            database,
+            signer,
+            "global",
+            rows,
+            [50, 100],
+            times=[noon, noon - dt.timedelta(minutes=1)],
+        )
+        assert [] == kinds(await run(database, signer))
+
+    async def test_a_checkpoint_signed_in_the_future_is_reported(self, database, signer):
+        """A signed time a day ahead of the verifier's clock is reported at its size."""
+        rows = await build_log(database, "global", 100)
+        tomorrow = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(days=1)
+        await add_checkpoints(database, signer, "global", rows, [100], times=[tomorrow])
+        assert [("checkpoint_time", 100, None)] == kinds(await run(database, signer))
+
+
 class TestCheckpointDirectory:
     async def test_exported_checkpoints_must_be_in_the_database(
         self, database, signer, log, tmp_path

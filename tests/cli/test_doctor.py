@@ -133,11 +133,18 @@ class TestRiskyCombinations:
         result = cli("doctor", "--no-app", "--json")
         shared = findings(result)["workers: shared state"]
         assert (0, "warning") == (result.exit_code, shared["status"])
-        assert shared["detail"].startswith(
-            "http, resilience, ratelimit, identity, flags, realtime, jobs"
-        )
+        assert shared["detail"].startswith("http, resilience, ratelimit, identity, realtime, jobs")
         assert "BASTION_REDIS__URL" in shared["fix"]
         assert "warning" == findings(result)["workers: database"]["status"]
+
+    def test_workers_without_redis_note_slower_flag_changes(self, cli, monkeypatch, sqlite_url):
+        """Flags converge by polling without Redis: a note naming the interval, not a warning."""
+        monkeypatch.setenv("BASTION_DATABASE__URL", sqlite_url)
+        monkeypatch.setenv("BASTION_SERVER__WORKERS", "2")
+        monkeypatch.setenv("BASTION_FLAGS__POLL_INTERVAL", "3")
+        result = cli("doctor", "--no-app", "--json")
+        flags = findings(result)["workers: flag changes"]
+        assert ("note", True) == (flags["status"], "(3 s)" in flags["detail"])
 
     def test_strict_fails_on_warnings(self, cli, monkeypatch, sqlite_url):
         """With --strict, a warning makes the exit status 1."""

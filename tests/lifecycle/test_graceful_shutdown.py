@@ -107,6 +107,7 @@ class TestSigterm:
         assert [
             "close test clients",
             "close test cache",
+            "stop feature flags",
             "stop audit trail",
             "close identity",
             "close rate limits",
@@ -197,8 +198,12 @@ class TestWorkers:
             "10",
             # Two workers would both run start-up migrations on one SQLite file; the
             # subject here is the drain, not migration locking. Without migrations there
-            # are no audit tables, which readiness would (rightly) report.
-            env={"BASTION_MIGRATIONS__MODE": "off", "BASTION_AUDIT__ENABLED": "false"},
+            # are no audit or flag tables, which readiness would (rightly) report.
+            env={
+                "BASTION_MIGRATIONS__MODE": "off",
+                "BASTION_AUDIT__ENABLED": "false",
+                "BASTION_FLAGS__ENABLED": "false",
+            },
             ready=False,
         )
         served.wait_until_logged("listening", count=2)
@@ -224,7 +229,7 @@ class TestWorkers:
         warning = served.stderr
         assert warning.startswith("bastion: WARNING: 2 worker processes")
         assert 1 < len(warning.splitlines())
-        for named in ("http", "ratelimit", "flags", "jobs", "BASTION_REDIS__URL"):
+        for named in ("http", "ratelimit", "jobs", "BASTION_REDIS__URL"):
             assert named in warning
         assert "SQLite with 2 workers" in warning
         assert "BASTION_DATABASE__URL" in warning

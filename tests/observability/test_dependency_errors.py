@@ -20,9 +20,10 @@ def app_on(url: str) -> FastAPI:
         database={"url": url, "connect_timeout": 1},
         migrations={"mode": "off"},
         logging={"level": "WARNING", "format": "json"},
-        # Without migrations there are no audit tables; its start-up look would count
-        # against the database's circuit, which these tests watch on their own.
+        # Without migrations there are no audit or flag tables; their start-up reads
+        # would count against the database's circuit, which these tests watch on their own.
         audit={"enabled": False},
+        flags={"enabled": False},
     )
 
     @app.get("/sql/{statement}")

@@ -398,7 +398,9 @@ class TestDatabaseOutage:
             database={"url": private_postgres.url, "connect_timeout": 1},
             migrations={"enabled": False},
             health={"check_timeout": 2},
-            audit={"enabled": False},  # no migrations, no audit tables: readiness would say so
+            # No migrations, no audit or flag tables: readiness would (rightly) say so.
+            audit={"enabled": False},
+            flags={"enabled": False},
         )
         async with lifespan_client(app) as client:
             before = await client.get("/health/ready")

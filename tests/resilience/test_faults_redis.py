@@ -75,8 +75,10 @@ def served(sqlite_url, redis_url, redis_prefix, proxy, provider):
             # These scenarios pin the circuits' and the limiter's use of Redis. Identity's
             # own (the access-token deny list, checked on every request within
             # identity.deny_list.timeout, 50 ms, and the permission cache) is kept in memory:
-            # how it degrades is identity's concern, not what these scenarios measure.
+            # how it degrades is identity's concern, not what these scenarios measure. The
+            # same for flags' change notifications (their outage has tests of its own).
             identity={"store_url": "memory://"},
+            flags={"store_url": "memory://"},
         )
         async with lifespan_client(app) as client:
             try:

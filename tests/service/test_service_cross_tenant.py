@@ -54,6 +54,9 @@ CLIENT_ADDRESS = ("203.0.113.7", 40000)
 """A tenant's client on the internet (TEST-NET-3), not on the operators' loopback."""
 ID_PARAMS = {"tenant_id", "document_id", "user_id", "key_id", "invitation_id", "entry_id"}
 """Path parameters that name a tenant's resource, and so must answer 404 to another tenant."""
+GLOBAL_PARAMS = {"key", "name"}
+"""Path parameters that name no tenant's resource: feature flag keys and segment names,
+which only operators reach (``/admin/features``, ``/admin/segments``)."""
 
 
 def unique_email(label: str) -> str:
@@ -73,6 +76,8 @@ class Target:
     invitation_token: str
     owner_email: str
     entry_id: str
+    key: str = "assistant"
+    name: str = "staff"
 
     @classmethod
     def nowhere(cls) -> Target:
@@ -86,6 +91,8 @@ class Target:
             invitation_token=secrets.token_urlsafe(32),
             owner_email=unique_email("nobody"),
             entry_id=str(uuid.uuid4()),
+            key=f"flag-{secrets.token_hex(4)}",
+            name=f"segment-{secrets.token_hex(4)}",
         )
 
 
@@ -161,6 +168,24 @@ WALK: dict[tuple[str, str], Body] = {
     ("GET", "/admin/audit/checkpoints"): None,
     ("POST", "/admin/audit/checkpoints"): None,
     ("GET", "/.well-known/jwks.json"): None,
+    # Feature flags: the caller's client-visible flags; the operators' flags and segments.
+    ("GET", "/api/features"): None,
+    ("GET", "/admin/features"): None,
+    ("POST", "/admin/features"): body(lambda w, t: {"key": t.key, "enabled": True}),
+    ("GET", "/admin/features/export"): None,
+    ("POST", "/admin/features/import"): body(lambda w, t: {"flags": []}),
+    ("GET", "/admin/features/{key}"): None,
+    ("PUT", "/admin/features/{key}"): body(lambda w, t: {"key": t.key, "enabled": False}),
+    ("DELETE", "/admin/features/{key}"): None,
+    ("POST", "/admin/features/{key}/toggle"): body(lambda w, t: {"enabled": False}),
+    ("POST", "/admin/features/{key}/evaluate"): body(
+        lambda w, t: {"context": {"tenantId": t.tenant_id}}
+    ),
+    ("GET", "/admin/features/{key}/history"): None,
+    ("GET", "/admin/segments"): None,
+    ("GET", "/admin/segments/{name}"): None,
+    ("PUT", "/admin/segments/{name}"): body(lambda w, t: {"name": t.name}),
+    ("DELETE", "/admin/segments/{name}"): None,
     # Operators' views of every tenant, behind the /admin access policy.
     ("GET", "/admin/tenants/usage"): None,
     ("PATCH", "/admin/tenants/{tenant_id}/settings"): body(
@@ -393,7 +418,7 @@ class TestWalkCoversEveryRoute:
     def test_every_id_parameter_has_a_target(self, app):
         """A path parameter the walk cannot fill with B's id fails here: add it to Target."""
         names = {name for _, template in app_operations(app) for name in path_params(template)}
-        assert set() == names - ID_PARAMS
+        assert set() == names - ID_PARAMS - GLOBAL_PARAMS
 
 
 class TestCrossTenantWalk:

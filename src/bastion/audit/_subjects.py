@@ -256,7 +256,7 @@ class SubjectKeys:
                 missing.add(subject)
         if missing:
             async with self._database.session() as session:
-                stored = await self._select(session, sorted(missing))
+                stored = await self._select(session, sorted(missing), lenient=True)
             for subject, held in stored.items():
                 self._remember(subject, held, now)
             keys.update(stored)
@@ -287,16 +287,30 @@ class SubjectKeys:
         return bool(getattr(result, "rowcount", 0))
 
     async def _select(
-        self, session: AsyncSession, subjects: Sequence[str]
+        self, session: AsyncSession, subjects: Sequence[str], *, lenient: bool = False
     ) -> dict[str, _SubjectKey]:
+        """The stored keys of ``subjects``, unwrapped.
+
+        ``lenient`` is the readers' form: a key that does not unwrap (a changed
+        ``audit.encryption_key``, a tampered row) is left out, so its fields read as
+        unreadable, like an erased subject's, and the page around them is still served.
+        """
         rows = await session.execute(
             select(subject_keys.c.subject, subject_keys.c.wrapped_key).where(
                 subject_keys.c.subject.in_(subjects)
             )
         )
-        return {
-            subject: _SubjectKey.of(self._unwrap(subject, wrapped)) for subject, wrapped in rows
-        }
+        found: dict[str, _SubjectKey] = {}
+        for subject, wrapped in rows:
+            try:
+                found[subject] = _SubjectKey.of(self._unwrap(subject, wrapped))
+            except (InvalidTag, ValueError):
+                if not lenient:
+                    raise
+                AUDIT_SUBJECT_DECRYPT_FAILURES.inc()
+                # The subject names a person: not logged.
+                logger.warning("audit subject key does not unwrap")
+        return found
 
     async def _create(
         self, session: AsyncSession, subjects: Sequence[str]

@@ -35,6 +35,8 @@ range is ``[position, end)``):
   trusted key, or whose body (origin included) disagrees with its row or its log.
 - ``checkpoint_missing`` / ``checkpoint_mismatch``: a checkpoint in the export
   directory is absent from the database, or differs from the one stored there.
+- ``checkpoint_time``: a trusted checkpoint signed more than five minutes before a
+  smaller tree's, or more than five minutes in the future: the key signed out of order.
 - ``archive_missing`` / ``archive_mismatch``: with an archive directory, a
   pruned segment's file is absent, or its SHA-256 is not the recorded one.
 """
@@ -45,6 +47,7 @@ import asyncio
 import bisect
 import collections
 import contextlib
+import datetime as dt
 import functools
 import hashlib
 import hmac
@@ -430,7 +433,47 @@ async def _trusted_checkpoints(
                 )
             )
         trusted.append(checkpoint)
+    _check_times(log_id, trusted, report)
     return trusted
+
+
+CLOCK_TOLERANCE: Final = dt.timedelta(minutes=5)
+"""How far a signer's clock may step back, or run ahead of the verifier's, unreported."""
+
+
+def _check_times(log_id: str, trusted: list[Checkpoint], report: VerifyReport) -> None:
+    """Report signed times that run backwards as the tree grows, or lie in the future.
+
+    Only the signing key makes a checkpoint, so a time out of order means that key
+    signed out of order: a compromised key back-dating a rewritten log, or a signer
+    whose clock is wrong, either of which the operator must hear about.
+    """
+    horizon = dt.datetime.now(dt.UTC) + CLOCK_TOLERANCE
+    latest_smaller: dt.datetime | None = None
+    for size, group in itertools.groupby(sorted(trusted, key=lambda c: c.size), lambda c: c.size):
+        signed = [checkpoint.timestamp for checkpoint in group]
+        for timestamp in signed:
+            if timestamp > horizon:
+                report.problems.append(
+                    Problem(
+                        log_id,
+                        "checkpoint_time",
+                        size,
+                        f"checkpoint at size {size} is signed in the future "
+                        f"({timestamp.isoformat()})",
+                    )
+                )
+            elif latest_smaller is not None and timestamp + CLOCK_TOLERANCE < latest_smaller:
+                report.problems.append(
+                    Problem(
+                        log_id,
+                        "checkpoint_time",
+                        size,
+                        f"checkpoint at size {size} is signed at {timestamp.isoformat()}, "
+                        f"before a smaller tree's checkpoint ({latest_smaller.isoformat()})",
+                    )
+                )
+        latest_smaller = max(signed) if latest_smaller is None else max(latest_smaller, *signed)
 
 
 async def _prune_evidence(

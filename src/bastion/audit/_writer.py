@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import structlog
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import Table, bindparam, event, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -217,22 +218,23 @@ class AuditLog:
             ValueError: the event is invalid (unknown action, bad outcome, naive
                 time, details too big or not JSON); nothing was stored.
             AuditUnavailable: ``async`` mode, the buffer stayed full for
-                ``audit.enqueue_timeout``, or the recorder is stopped.
+                ``audit.enqueue_timeout``, or the recorder is stopped; ``sync`` mode,
+                the subject's stored key does not unwrap.
         """
         entry = self._preparer.prepare(event)
         if self.settings.mode == "sync":
-            if session is None:
-                session = self._ambient_session()
-            if session is not None:
-                await self.append(session, [entry])
-            elif current_session() is not None:
-                # In a unit of work on another database: units do not nest within a
-                # task, so the entry's own transaction runs in one of its own.
-                await asyncio.get_running_loop().create_task(
-                    run_transaction(self.append, [entry], database=self._database)
-                )
-            else:
-                await run_transaction(self.append, [entry], database=self._database)
+            try:
+                await self._append_now(entry, session)
+            except InvalidTag:
+                # The subject's stored key does not unwrap: audit.encryption_key was
+                # changed, or the key row altered. Sealing under another key would make
+                # the field unreadable for good; refusing keeps the change from
+                # committing unrecorded, and says why (503, not a bare 500).
+                logger.exception("audit subject key does not unwrap: recording refused")
+                raise AuditUnavailable(
+                    "The audit trail cannot record this event: a data subject's key does "
+                    "not unwrap (was audit.encryption_key changed?)."
+                ) from None
             self._recorded.inc()
             return entry.id
         await self._reserve()
@@ -347,6 +349,21 @@ class AuditLog:
     def buffered(self) -> int:
         """Events accepted and not yet committed (``async`` mode)."""
         return self._held
+
+    async def _append_now(self, entry: PreparedEntry, session: AsyncSession | None) -> None:
+        """``sync`` mode: append in ``session``, the ambient unit of work, or a transaction."""
+        if session is None:
+            session = self._ambient_session()
+        if session is not None:
+            await self.append(session, [entry])
+        elif current_session() is not None:
+            # In a unit of work on another database: units do not nest within a
+            # task, so the entry's own transaction runs in one of its own.
+            await asyncio.get_running_loop().create_task(
+                run_transaction(self.append, [entry], database=self._database)
+            )
+        else:
+            await run_transaction(self.append, [entry], database=self._database)
 
     async def append(
         self, session: AsyncSession, rows: Sequence[PreparedEntry]

@@ -21,6 +21,7 @@ def _register() -> None:
     from bastion.cli import audit as _audit  # noqa: F401, PLC0415 -- registration
     from bastion.cli import config as _config  # noqa: F401, PLC0415 -- registration
     from bastion.cli import doctor as _doctor  # noqa: F401, PLC0415 -- registration
+    from bastion.cli import flags as _flags  # noqa: F401, PLC0415 -- registration
     from bastion.cli import identity as _identity  # noqa: F401, PLC0415 -- registration
     from bastion.cli import keys as _keys  # noqa: F401, PLC0415 -- registration
     from bastion.cli import migrate as _migrate  # noqa: F401, PLC0415 -- registration

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
@@ -18,7 +18,7 @@ from bastion.settings import load_settings
 if TYPE_CHECKING:
     from bastion.identity._runtime import Identity
 
-__all__ = ["AppOption", "JsonOption", "echo_record", "run_with_identity"]
+__all__ = ["AppOption", "JsonOption", "echo_record", "run_database_command", "run_with_identity"]
 
 T = TypeVar("T")
 
@@ -58,6 +58,16 @@ def run_with_identity(spec: str | None, action: Callable[[Identity], Awaitable[T
             await identity.hasher.aclose()
             await identity.database.aclose()
 
+    return run_database_command(call)
+
+
+def run_database_command(call: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a command's coroutine; turn what it raises into one line on stderr and an exit.
+
+    Raises:
+        typer.Exit: 1 when the command is refused (the error's detail, and each field
+            error); 2 for a configuration problem or a database that is unusable.
+    """
     try:
         return asyncio.run(call())
     except InvalidInput as exc:

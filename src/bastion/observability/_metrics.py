@@ -53,6 +53,15 @@ __all__ = [
     "DB_TRANSACTION_RETRIES",
     "DEPENDENCY_DEGRADED",
     "DEPENDENCY_OUTAGES",
+    "FLAGS_EVALUATIONS",
+    "FLAGS_INVALID_ROWS",
+    "FLAGS_LAST_REFRESH",
+    "FLAGS_LOADED",
+    "FLAGS_NOTIFIER_UP",
+    "FLAGS_PROPAGATION",
+    "FLAGS_REFRESH",
+    "FLAGS_REGEX_TIMEOUTS",
+    "FLAGS_REVISION",
     "HEALTH_CHECK_UP",
     "HTTP_ACTIVE_REQUESTS",
     "HTTP_DEADLINE_EXCEEDED",
@@ -436,4 +445,62 @@ AUDIT_CHECKPOINT_INVALID: Final = Counter(
     "bastion_audit_checkpoint_invalid_total",
     "Stored checkpoint rows skipped because their note does not verify with a trusted key"
     " or does not match its row (counted each time one is read).",
+)
+
+# --- Feature flags (issue 9) ---------------------------------------------------------
+FLAGS_EVALUATIONS: Final = Counter(
+    "bastion_flags_evaluations_total",
+    "Flag evaluations by flag key (<unknown> for keys not in the set) and OpenFeature reason"
+    " (TARGETING_MATCH, SPLIT, DEFAULT, DISABLED, ERROR). Counted in plain dicts on the hot"
+    " path and added here at every poll (flags.poll_interval), so up to one interval behind.",
+    ["flag", "reason"],
+)
+FLAGS_REVISION: Final = Gauge(
+    "bastion_flags_revision",
+    "Revision (last change id) of the flag set this process evaluates; across workers, the"
+    " lowest: a worker that lags shows.",
+    multiprocess_mode="livemin",
+)
+FLAGS_LOADED: Final = Gauge(
+    "bastion_flags_loaded",
+    "Flags in the set this process evaluates.",
+    multiprocess_mode="livemax",
+)
+FLAGS_REFRESH: Final = Counter(
+    "bastion_flags_refresh_total",
+    "Checks of the flag set against the database, by trigger (start, change: a write on"
+    " this instance, notify: another's notification, poll, schedule: a scheduled change"
+    " fell due, admin) and outcome (ok, error: the last set is kept).",
+    ["trigger", "outcome"],
+)
+FLAGS_LAST_REFRESH: Final = Gauge(
+    "bastion_flags_last_refresh_timestamp_seconds",
+    "Unix time this process last confirmed its flag set current; across workers, the oldest.",
+    multiprocess_mode="livemin",
+)
+FLAGS_PROPAGATION: Final = Histogram(
+    "bastion_flags_propagation_seconds",
+    "From a change's notification being published to its flag set serving here"
+    " (notification path; wall clocks of two hosts, so skew adds to it).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+FLAGS_NOTIFIER_UP: Final = Gauge(
+    "bastion_flags_notifier_up",
+    "1 while this process is subscribed to flag change notifications, 0 while it relies on"
+    " polling alone (the transport is down); across workers, the lowest. Absent where no"
+    " notifications are configured (no Redis, or flags.store_url=memory://).",
+    ["transport"],
+    multiprocess_mode="livemin",
+)
+FLAGS_INVALID_ROWS: Final = Gauge(
+    "bastion_flags_invalid_rows",
+    "Stored flags and segments skipped by the last load of the set because they no longer"
+    " validate (edited by hand, or an incompatible model change; the log names the keys)."
+    " Across workers, the highest.",
+    multiprocess_mode="livemax",
+)
+FLAGS_REGEX_TIMEOUTS: Final = Counter(
+    "bastion_flags_regex_timeouts_total",
+    "Regular-expression constraints that hit flags.regex_timeout; that evaluation served the"
+    " flag's default with reason ERROR. Added at every poll, like the evaluations.",
 )

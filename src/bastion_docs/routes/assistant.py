@@ -9,16 +9,22 @@ assistant reveals nothing its caller could not read. A match marked
 or quoted in a degraded answer), so each is recorded as ``document.read`` (with
 ``{"via": "assistant"}``) before the provider is asked, as reading it with
 ``GET /documents/{id}`` would be.
+
+The feature flag ``assistant`` is the endpoint's kill switch: switched off
+(``bastion flags toggle assistant off``, or ``/admin/features``), every
+instance answers 503 within a second, before searching or calling the
+provider. A missing flag, or flags switched off altogether, leaves it on.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Final
 
 from fastapi import APIRouter, Depends, Request
 
 from bastion.audit import Resource, audit_read
-from bastion.errors import ErrorCode, problem_responses
+from bastion.errors import ErrorCode, ServiceUnavailable, problem_responses
+from bastion.flags import FlagContext
 from bastion.identity import require
 from bastion.tenancy import TenantId
 from bastion_docs.assistant import Assistant, search
@@ -26,7 +32,10 @@ from bastion_docs.dependencies import Audit, DbSession
 from bastion_docs.routes.documents import READ
 from bastion_docs.schemas import AssistantAnswer, AssistantQuestion, DegradedAnswer
 
-__all__ = ["router"]
+__all__ = ["ASSISTANT_FLAG", "router"]
+
+ASSISTANT_FLAG: Final = "assistant"
+"""The assistant's kill switch (``src/bastion_docs/flags.yaml`` seeds it, on)."""
 
 router = APIRouter(prefix="/assistant", tags=["assistant"])
 
@@ -37,11 +46,23 @@ async def assistant(request: Request) -> Assistant:
     return found
 
 
+async def assistant_switched_on(request: Request, context: FlagContext) -> None:
+    """Answer 503 when the ``assistant`` flag is off for the caller (its kill switch)."""
+    runtime = request.app.state.bastion.flags
+    if runtime is None:
+        return
+    # A missing flag is on: the switch exists to turn the assistant off, not to gate it.
+    if not runtime.flags.get_boolean(ASSISTANT_FLAG, True, context):
+        raise ServiceUnavailable("The assistant is switched off for now.")
+
+
 @router.post(
     "/ask",
     summary="Ask about the tenant's documents",
-    dependencies=[Depends(require(READ))],
-    responses=problem_responses(ErrorCode.UNAUTHENTICATED, ErrorCode.FORBIDDEN),
+    dependencies=[Depends(require(READ)), Depends(assistant_switched_on)],
+    responses=problem_responses(
+        ErrorCode.UNAUTHENTICATED, ErrorCode.FORBIDDEN, ErrorCode.SERVICE_UNAVAILABLE
+    ),
 )
 async def ask(
     payload: AssistantQuestion,

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import gc
 import importlib.util
@@ -453,12 +454,38 @@ def _free_port() -> int:
         return port
 
 
+SERVER_CPUS: set[int] | None = None
+"""With ``--pin``: the CPUs of the service; wrk and PostgreSQL get the others."""
+OTHER_CPUS: set[int] | None = None
+
+
+def _pinned(cpus: set[int] | None) -> list[str]:
+    """The ``taskset`` prefix that starts a command (and its threads) on ``cpus``; none unpinned."""
+    if cpus is None:
+        return []
+    return ["taskset", "-c", ",".join(str(cpu) for cpu in sorted(cpus))]
+
+
+def _pin_postgres(cpus: set[int]) -> dict[int, set[int]]:
+    """Pin every local PostgreSQL process (new backends inherit it); return what to restore."""
+    found = subprocess.run(["pgrep", "-x", "postgres"], capture_output=True, text=True, check=False)
+    before: dict[int, set[int]] = {}
+    for pid in (int(word) for word in found.stdout.split()):
+        try:
+            before[pid] = os.sched_getaffinity(pid)
+            os.sched_setaffinity(pid, cpus)
+        except OSError:
+            continue  # gone, or not ours to pin
+    return before
+
+
 def _serve(environment: dict[str, str], workdir: Path, variant: str) -> tuple[Any, int]:
     port = _free_port()
     log = workdir / f"{variant.replace(' ', '_').replace(',', '')}.log"
     with log.open("ab") as out:
         process = subprocess.Popen(
             [
+                *_pinned(SERVER_CPUS),
                 sys.executable,
                 "-m",
                 "uvicorn",
@@ -498,6 +525,7 @@ def _serve(environment: dict[str, str], workdir: Path, variant: str) -> tuple[An
 def _wrk(port: int, script: Path, duration: float, connections: int) -> dict[str, Any]:
     completed = subprocess.run(
         [
+            *_pinned(OTHER_CPUS),
             "wrk",
             "-t1",
             f"-c{connections}",
@@ -564,8 +592,8 @@ async def _service_cases(args: argparse.Namespace, url: str) -> tuple[dict[str, 
     lines = [
         f"service: Bastion Docs on this PostgreSQL, one uvicorn process, wrk -t1 "
         f"-c{args.connections} -d{args.duration:g}s PATCH /v1/documents/{{id}} over "
-        f"{DOCUMENTS} documents, median of {args.rounds} interleaved round(s), no core pinning "
-        "(PostgreSQL shares the cores)",
+        f"{DOCUMENTS} documents, median of {args.rounds} interleaved round(s), "
+        + ("pinned (see below)" if args.pin else "no core pinning (PostgreSQL shares the cores)"),
         f"{'variant':<28}{'req/s':>12}{'ratio':>9}{'p99 ms':>9}{'CPU µs/req':>12}"
         f"{'entries/req':>13}",
     ]
@@ -680,7 +708,7 @@ async def _main(args: argparse.Namespace) -> int:
         if not args.skip_service:
             # A database of its own: the service's migrations make the audit tables.
             await _admin(f"{base}/postgres", f'CREATE DATABASE "{name}_service"')
-            service, service_note = await _service_cases(args, f"{base}/{name}_service")
+            service, service_note = await _pinned_service_cases(args, f"{base}/{name}_service")
     finally:
         for database in (name, f"{name}_service"):
             await _admin(f"{base}/postgres", f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
@@ -737,6 +765,30 @@ async def _main(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _pinned_service_cases(
+    args: argparse.Namespace, url: str
+) -> tuple[dict[str, list[float]], str]:
+    """The service cases; with ``--pin``, the service on the first CPU, the rest for the others."""
+    global SERVER_CPUS, OTHER_CPUS
+    if not args.pin:
+        return await _service_cases(args, url)
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin needs at least two CPUs")
+    SERVER_CPUS, OTHER_CPUS = {cpus[0]}, set(cpus[1:])
+    restore = _pin_postgres(OTHER_CPUS)
+    try:
+        samples, note = await _service_cases(args, url)
+    finally:
+        for pid, previous in restore.items():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(pid, previous)
+    return samples, (
+        f"{note}\npinned: the service on CPU {cpus[0]}, wrk and PostgreSQL on CPU "
+        f"{cpus[1:]} (PostgreSQL off the service's core, as on a database host of its own)"
+    )
+
+
 async def _server_version(url: str) -> str:
     connection = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://", 1))
     try:
@@ -760,6 +812,11 @@ def main() -> int:
     )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="service on CPU 0, wrk and a local PostgreSQL on the others (Linux, as root)",
+    )
     args = parser.parse_args()
     # Slow-query warnings and checkpoint notices would interleave with the figures.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))

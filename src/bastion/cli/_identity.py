@@ -6,10 +6,11 @@ import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Final, TypeVar
 
 import typer
 
+from bastion.audit import Actor, ActorType
 from bastion.cli._app import fail, load_runtime
 from bastion.errors import BastionError, ConfigurationError, InvalidInput
 from bastion.observability import configure_logging
@@ -18,7 +19,17 @@ from bastion.settings import load_settings
 if TYPE_CHECKING:
     from bastion.identity._runtime import Identity
 
-__all__ = ["AppOption", "JsonOption", "echo_record", "run_database_command", "run_with_identity"]
+__all__ = [
+    "CLI_ACTOR",
+    "AppOption",
+    "JsonOption",
+    "echo_record",
+    "run_database_command",
+    "run_with_identity",
+]
+
+CLI_ACTOR: Final = Actor(ActorType.SYSTEM, "cli")
+"""Who the audit trail (and the flag history) says acted when an operator ran a command."""
 
 T = TypeVar("T")
 
@@ -61,8 +72,17 @@ def run_with_identity(spec: str | None, action: Callable[[Identity], Awaitable[T
     return run_database_command(call)
 
 
-def run_database_command(call: Callable[[], Coroutine[Any, Any, T]]) -> T:
+def run_database_command(
+    call: Callable[[], Coroutine[Any, Any, T]],
+    *,
+    refused: tuple[type[Exception], ...] = (),
+) -> T:
     """Run a command's coroutine; turn what it raises into one line on stderr and an exit.
+
+    Args:
+        call: the command's work.
+        refused: further exceptions that mean the command was refused (exit 1 with
+            their message), such as an unreadable file.
 
     Raises:
         typer.Exit: 1 when the command is refused (the error's detail, and each field
@@ -77,6 +97,8 @@ def run_database_command(call: Callable[[], Coroutine[Any, Any, T]]) -> T:
         raise fail(exc.detail, 1) from None
     except ConfigurationError as exc:
         raise fail(str(exc)) from None
+    except refused as exc:
+        raise fail(f"{type(exc).__name__}: {exc}", 1) from None
     except Exception as exc:  # noqa: BLE001 -- a missing table or a database that is down
         raise fail(
             f"{type(exc).__name__}: is the database migrated (bastion migrate upgrade)?"

@@ -8,7 +8,6 @@ used, or the database cannot be reached or is not migrated.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import csv
 import datetime as dt
@@ -18,13 +17,13 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Final, TextIO, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TextIO, TypeVar
 
 import orjson
 import typer
 
 from bastion.audit._bundle import verify_bundle
-from bastion.audit._event import Actor, ActorType, AuditEvent, Resource
+from bastion.audit._event import AuditEvent, Resource
 from bastion.audit._note import NoteError, NoteVerifier, generate_signing_key
 from bastion.audit._proof import ProofError
 from bastion.audit._query import AuditQuery, fetch_page, next_query
@@ -33,9 +32,9 @@ from bastion.audit._subjects import subject_for_login, subject_for_user
 from bastion.audit._verify import VerifyReport, verify
 from bastion.cli import app
 from bastion.cli._app import fail, load_runtime
-from bastion.cli._identity import AppOption, JsonOption
+from bastion.cli._identity import CLI_ACTOR, AppOption, JsonOption, run_database_command
 from bastion.data import Database
-from bastion.errors import BastionError, ConfigurationError
+from bastion.errors import ConfigurationError
 from bastion.observability import configure_logging
 from bastion.settings import DatabaseSettings, load_settings
 
@@ -58,9 +57,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-CLI_ACTOR: Final = Actor(ActorType.SYSTEM, "cli")
-"""Who the trail says acted when an operator ran a command."""
 
 
 audit_app = typer.Typer(
@@ -100,20 +96,12 @@ def _run_with_audit(spec: str | None, action: Callable[[AuditRuntime], Awaitable
             await audit.log.stop()
             await audit.database.aclose()
 
-    try:
+    async def quietly() -> T:
         # What the runtime logs while it works is not the command's result.
         with contextlib.redirect_stdout(sys.stderr):
-            return asyncio.run(call())
-    except BastionError as exc:
-        raise fail(exc.detail, 1) from None
-    except ConfigurationError as exc:
-        raise fail(str(exc)) from None
-    except (OSError, ValueError) as exc:
-        raise fail(f"{type(exc).__name__}: {exc}", 1) from None
-    except Exception as exc:  # noqa: BLE001 -- a missing table or a database that is down
-        raise fail(
-            f"{type(exc).__name__}: is the database migrated (bastion migrate upgrade)?"
-        ) from None
+            return await call()
+
+    return run_database_command(quietly, refused=(OSError, ValueError))
 
 
 @contextmanager

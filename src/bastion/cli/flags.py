@@ -17,16 +17,15 @@ import json
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import orjson
 import typer
 from pydantic import ValidationError
 
-from bastion.audit import Actor, ActorType
 from bastion.cli import app
 from bastion.cli._app import fail, load_runtime
-from bastion.cli._identity import run_database_command
+from bastion.cli._identity import CLI_ACTOR, run_database_command
 from bastion.errors import ConfigurationError, InvalidInput, NotFound
 from bastion.flags._dependencies import context_from_mapping
 from bastion.flags._document import (
@@ -46,7 +45,6 @@ if TYPE_CHECKING:
     from bastion.flags._store import FlagStore, ImportReport, StoredFlag
 
 __all__ = [
-    "CLI_ACTOR",
     "evaluate",
     "export",
     "flags_app",
@@ -60,8 +58,6 @@ __all__ = [
 
 T = TypeVar("T")
 
-CLI_ACTOR: Final = Actor(ActorType.SYSTEM, "cli")
-"""Who the audit trail and the flag history say acted when an operator ran a command."""
 
 flags_app = typer.Typer(
     name="flags",

@@ -28,6 +28,21 @@ from bastion.settings import ResilienceSettings
 from bastion.testing._oidc_issuer import LocalOidcIssuer
 
 AUDIENCE = "api://docs"
+
+
+class _FromNow:
+    """A claim time relative to when the test runs, not to when pytest collected it."""
+
+    def __init__(self, seconds: int) -> None:
+        self.seconds = seconds
+
+    def epoch(self) -> int:
+        return int(time.time()) + self.seconds
+
+    def __repr__(self) -> str:
+        return f"now+{self.seconds}s"
+
+
 # One attempt, short timeouts, a circuit that never opens: each fetch is one request.
 FAST = {
     "timeout": 2.0,
@@ -150,8 +165,8 @@ class TestVerification:
             ({"audience": "api://someone-else"}, False),
             ({"audience": ["a", "b"]}, False),
             ({"expires_in": -120}, True),
-            ({"nbf": int(time.time()) + 600}, False),
-            ({"iat": int(time.time()) + 600}, False),
+            ({"nbf": _FromNow(600)}, False),
+            ({"iat": _FromNow(600)}, False),
             ({"exp": None}, False),
             ({"exp": True}, False),
             ({"sub": None}, False),
@@ -171,7 +186,8 @@ class TestVerification:
     async def test_bad_claims_refused_401(self, issuer, make, change, expired):
         """Wrong issuer or audience, expired, not yet valid or malformed claims answer 401."""
         provider = make()
-        kwargs = {"audience": AUDIENCE, **change}
+        resolved = {k: v.epoch() if isinstance(v, _FromNow) else v for k, v in change.items()}
+        kwargs = {"audience": AUDIENCE, **resolved}
         subject = "user-1"
         if "sub" in kwargs:
             subject = kwargs.pop("sub")

@@ -413,13 +413,20 @@ async def _service_setup(environment: dict[str, str], workdir: Path) -> tuple[st
 
 
 def _wrk_script(workdir: Path, token: str, paths: list[str]) -> Path:
-    """A wrk script sending pre-formatted PATCHes round robin, then the JSON summary."""
+    """A wrk script sending pre-formatted PATCHes round robin, then the JSON summary.
+
+    Every PATCH needs ``If-Match``; the load sends ``*`` ("whatever version is
+    current", RFC 9110), which the service accepts as an explicit choice to
+    overwrite. Each request therefore stays pre-formatted (no ETag to track per
+    document across connections), and the ``UPDATE`` is the same statement the
+    service runs for a versioned ``If-Match`` minus one comparison on the row.
+    """
     listed = ",".join(f'"{path}"' for path in paths)
     script = workdir / "patch.lua"
     script.write_text(
         f"local paths = {{{listed}}}\n"
         f'local headers = {{["Authorization"] = "Bearer {token}", '
-        '["Content-Type"] = "application/json"}\n'
+        '["Content-Type"] = "application/json", ["If-Match"] = "*"}\n'
         'local body = \'{"title":"Quarterly report, revised","tags":["bench","q4"]}\'\n'
         "local requests = {}\n"
         "local n = 0\n"

@@ -61,7 +61,9 @@ class TestMigrationsEndpoint:
         async with lifespan_client(app) as client:
             body = (await client.get("/admin/migrations")).json()
         assert body["up_to_date"] is False
-        assert ["0001", "0002", "0003", "0004"] == [rev[:4] for rev in body["trees"][0]["pending"]]
+        assert ["0001", "0002", "0003", "0004", "0005"] == [
+            rev[:4] for rev in body["trees"][0]["pending"]
+        ]
         assert [] == body["history"]
 
     async def test_limit_bounds_the_history(self, sqlite_url):

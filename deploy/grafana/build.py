@@ -389,6 +389,155 @@ FLAGS = Row(
 )
 SERVICE = (*SERVICE, FLAGS)
 
+GUARD = Row(
+    "Input guard",
+    (
+        Panel(
+            "Requests refused by the guard, by reason",
+            (
+                Query(
+                    f"sum by (reason) (rate(bastion_guard_rejections_total{{{SEL}}}[{RATE}]))",
+                    "{{reason}}",
+                ),
+            ),
+            unit="reqps",
+            stack=True,
+            description="Refused before the app ran: 413 body_too_large, 415 media_type, "
+            "431 header_size/header_count, 414 query_size, 422 for the rest. A rise after a "
+            "deploy is usually a client or a route class whose limits are too tight.",
+        ),
+        Panel(
+            "Prompt-injection screenings by outcome",
+            (
+                Query(
+                    "sum by (outcome) "
+                    f"(rate(bastion_guard_prompt_screenings_total{{{SEL}}}[{RATE}]))",
+                    "{{outcome}}",
+                ),
+            ),
+            unit="ops",
+            stack=True,
+            description="refused: 422 PROMPT_INJECTION_DETECTED. error: the detector raised "
+            "(a 500, never a silent pass).",
+        ),
+        Panel(
+            "Prompt-injection screening time",
+            tuple(
+                Query(
+                    f"histogram_quantile({q}, sum by (le) "
+                    f"(rate(bastion_guard_prompt_screening_seconds_bucket{{{SEL}}}[{RATE}])))",
+                    f"p{round(q * 100)}",
+                )
+                for q in (0.5, 0.95, 0.99)
+            ),
+            unit="s",
+            description="One screening of a text or a list of texts; new words cost more "
+            "than words in the per-word cache.",
+        ),
+        Panel(
+            "Operator model failures by reason",
+            (
+                Query(
+                    "sum by (reason) "
+                    f"(rate(bastion_guard_prompt_hook_failures_total{{{SEL}}}[{RATE}]))",
+                    "{{reason}}",
+                ),
+            ),
+            unit="ops",
+            description="The hook set with use_model() failed (error, timeout, bad_score); "
+            "the built-in layers decided alone.",
+        ),
+    ),
+)
+
+HTTP_CONVENTIONS = Row(
+    "API conventions",
+    (
+        Panel(
+            "Idempotency-Key requests by outcome",
+            (
+                Query(
+                    "sum by (outcome) "
+                    f"(rate(bastion_http_idempotency_requests_total{{{SEL}}}[{RATE}]))",
+                    "{{outcome}}",
+                ),
+            ),
+            unit="reqps",
+            stack=True,
+            description="store_error: 503 because the key store failed (fail closed), or a "
+            "response that could not be stored. reused: 422 IDEMPOTENCY_KEY_REUSED. "
+            "in_progress: 409 while another request holds the key.",
+        ),
+        Panel(
+            "CSRF rejections by reason",
+            (
+                Query(
+                    f"sum by (reason) (rate(bastion_http_csrf_rejections_total{{{SEL}}}[{RATE}]))",
+                    "{{reason}}",
+                ),
+            ),
+            unit="reqps",
+            description="origin_mismatch: forgery attempts, or a front end on an origin "
+            "missing from http.cors.allow_origins. token_missing after a deploy: a front end "
+            "that stopped sending X-CSRF-Token.",
+        ),
+        Panel(
+            "CORS preflights by outcome",
+            (
+                Query(
+                    f"sum by (outcome) (rate(bastion_http_cors_preflights_total{{{SEL}}}[{RATE}]))",
+                    "{{outcome}}",
+                ),
+            ),
+            unit="reqps",
+            stack=True,
+        ),
+        Panel(
+            "Deprecated routes still called",
+            (
+                Query(
+                    "sum by (http_route, http_request_method) "
+                    f"(rate(bastion_http_deprecated_requests_total{{{SEL}}}[{RATE}]))",
+                    "{{http_request_method}} {{http_route}}",
+                ),
+            ),
+            unit="reqps",
+            description="Who calls them: GET /admin/deprecations?days=7.",
+        ),
+        Panel(
+            "Sunset routes called (410)",
+            (
+                Query(
+                    "sum by (http_route, http_request_method) "
+                    f"(rate(bastion_http_sunset_requests_total{{{SEL}}}[{RATE}]))",
+                    "{{http_request_method}} {{http_route}}",
+                ),
+            ),
+            unit="reqps",
+            description="Clients still calling a retired version or route; http_route is the "
+            "deprecated prefix for paths no route matches any more.",
+        ),
+        Panel(
+            "Deprecation usage not recorded",
+            (
+                Query(
+                    "sum(rate(bastion_http_deprecation_usage_flush_failures_total"
+                    f"{{{SEL}}}[{RATE}]))",
+                    "flush failures",
+                ),
+                Query(
+                    f"sum(rate(bastion_http_deprecation_usage_dropped_total{{{SEL}}}[{RATE}]))",
+                    "calls dropped",
+                ),
+            ),
+            unit="ops",
+            description="Flush failures: the shared store refused a batch (kept for the next). "
+            "Dropped: calls not counted per client because the in-process batch was full.",
+        ),
+    ),
+)
+SERVICE = (*SERVICE, GUARD, HTTP_CONVENTIONS)
+
 DATABASE = (
     Row(
         "Queries",

@@ -21,7 +21,7 @@ from bastion.data import MigrationError, Migrator
 from bastion.errors import FieldError, InvalidInput, ServiceUnavailable
 from bastion.observability._health import operational_route
 
-__all__ = ["ADMIN_PREFIX", "AdminRoutes", "query_limit"]
+__all__ = ["ADMIN_PREFIX", "AdminRoutes", "query_count", "query_limit"]
 
 logger = structlog.get_logger("bastion.admin")
 
@@ -111,6 +111,15 @@ def query_limit(raw: str | None, *, default: int, maximum: int) -> int:
     Raises:
         InvalidInput: not a whole number in range (422 ``out_of_range``).
     """
+    return query_count(raw, name="limit", default=default, maximum=maximum)
+
+
+def query_count(raw: str | None, *, name: str, default: int, maximum: int) -> int:
+    """Query parameter ``name`` of an admin route: 1 to ``maximum``, ``default`` when absent.
+
+    Raises:
+        InvalidInput: not a whole number in range (422 ``out_of_range`` at ``query.<name>``).
+    """
     if raw is None:
         return default
     # The length check first: int() of a long digit string is quadratic.
@@ -121,9 +130,9 @@ def query_limit(raw: str | None, *, default: int, maximum: int) -> int:
     raise InvalidInput(
         errors=[
             FieldError(
-                "query.limit",
+                f"query.{name}",
                 "out_of_range",
-                f"limit must be a whole number from 1 to {maximum}.",
+                f"{name} must be a whole number from 1 to {maximum}.",
             )
         ]
     )

@@ -14,6 +14,7 @@ would not work: ``bastion doctor`` fails on it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import os
 import re
@@ -35,6 +36,7 @@ from bastion.backends import (
     shared_state_backends,
 )
 from bastion.errors import ConfigurationError
+from bastion.http._idempotency_store import idempotency_store_kind
 from bastion.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -522,6 +524,12 @@ def check_workers(settings: Settings) -> list[Finding]:
         for backend in shared_state_backends(settings)
         if _kind_or_none(backend.url) is BackendKind.MEMORY
     ]
+    idempotency = settings.http.idempotency
+    if settings.http.enabled and idempotency.enabled:
+        with contextlib.suppress(ConfigurationError):  # a bad URL is check_stores' finding
+            if idempotency_store_kind(settings) == "memory":
+                # A retry reaching another worker would not find the key and run again.
+                memory.append("http.idempotency")
     if "flags" in memory:
         memory.remove("flags")
         findings.append(

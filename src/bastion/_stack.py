@@ -41,6 +41,25 @@ from bastion.errors import (
 )
 from bastion.flags._build import FlagsRuntime, build_flags, start_flags, stop_flags
 from bastion.flags._routes import admin_flag_routes, client_flag_routes
+from bastion.guard._middleware import GuardMiddleware, GuardRoutes
+from bastion.guard._screen import Guard, build_guard
+from bastion.http._conditional import document_preconditions
+from bastion.http._deprecation_usage import DeprecationUsage
+from bastion.http._idempotency import (
+    IdempotencyMiddleware,
+    IdempotentRoute,
+    document_idempotency,
+    idempotent_operations,
+    start_idempotency,
+    stop_idempotency,
+)
+from bastion.http._idempotency_store import IdempotencyStore, build_idempotency_store
+from bastion.http._security import SecurityMiddleware
+from bastion.http._versioning import (
+    VersioningMiddleware,
+    deprecation_routes,
+    document_deprecations,
+)
 from bastion.identity import jwks_route, protected_operations
 from bastion.identity._build import (
     build_identity,
@@ -101,6 +120,9 @@ PRIORITY_MIGRATIONS = 20
 PRIORITY_AUDIT = 25
 # After audit (flag writes are recorded in it, the seed import included), stopped before it.
 PRIORITY_FLAGS = 26
+# After migrations (the SQL store's table must exist), stopped before the pools close; the
+# deprecation counts' last batch is flushed on a live Redis client.
+PRIORITY_HTTP = 27
 
 
 @dataclass(slots=True)
@@ -126,6 +148,13 @@ class Bastion:
         flags: the feature flags (``flags.flags.is_enabled(key, context)``), or
             ``None`` when ``flags.enabled`` is off; without the database, the seed
             file's flags, read-only.
+        idempotency: where ``Idempotency-Key`` records live, or ``None`` when
+            ``http.enabled`` or ``http.idempotency.enabled`` is off.
+        deprecations: who still calls deprecated routes (``await
+            deprecations.report(days=7)``), or ``None`` when versioning is off.
+        guard: prompt-injection screening (``await guard.screen(text, field=...)``);
+            it screens nothing when ``guard.enabled`` or
+            ``guard.prompt_injection.enabled`` is off.
     """
 
     settings: Settings
@@ -140,6 +169,9 @@ class Bastion:
     identity: Identity | None = None
     audit: AuditRuntime | None = None
     flags: FlagsRuntime | None = None
+    idempotency: IdempotencyStore | None = None
+    deprecations: DeprecationUsage | None = None
+    guard: Guard | None = None
 
 
 def install(app: Starlette, *, settings: Settings | None = None, **overrides: Any) -> Bastion:
@@ -235,6 +267,12 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
         audit=audit,
     )
 
+    idempotency = _install_idempotency(
+        app, settings, lifecycle=lifecycle, health=health, redis=redis, database=database
+    )
+    deprecations = _install_deprecation_usage(settings, lifecycle, redis)
+    guard_routes, guard = _install_guard(app, settings, lifecycle, audit)
+
     if tracing is not None:
         # Last at shutdown (lowest priority): spans of the pools' closing are exported too.
         lifecycle.on_shutdown("flush traces", tracing.shutdown, priority=0)
@@ -258,6 +296,9 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
         identity,
         audit,
         flags,
+        idempotency,
+        deprecations,
+        guard,
     )
     app.state.bastion = runtime
 
@@ -269,23 +310,25 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
     # The middleware answers GET and HEAD on the probes; at the router's end the same
     # routes give other methods a 405 with Allow, and cost app requests nothing.
     app.router.routes.extend(probes)
-    admin = _admin_routes(settings, migrator, limiter, identity, audit, flags=flags)
+    admin = _admin_routes(
+        settings, migrator, limiter, identity, audit, flags=flags, deprecations=deprecations
+    )
     app.router.routes.extend(admin)
     app.router.routes.extend(_install_metrics(settings))
     if identity is not None and settings.identity.routes:
         _mount_identity_routes(app, settings, identity)
     install_exception_handlers(app)
-    if limiter is not None:
-        # Added first, so it runs inside the request middleware: the context, with
-        # the client address and identity, exists; the router comes after it.
-        app.add_middleware(RateLimitMiddleware, limiter=limiter)
-    if identity is not None:
-        # Between the two: the client address is resolved, and limits key on the principal.
-        app.add_middleware(
-            IdentityMiddleware,
-            identity=identity,
-            skip_prefixes=(*operational, *_identity_free_admin(admin, audit)),
-        )
+    _add_request_layers(
+        app,
+        settings,
+        idempotency=idempotency,
+        guard_routes=guard_routes,
+        limiter=limiter,
+        identity=identity,
+        operational=operational,
+        identity_skip=(*operational, *_identity_free_admin(admin, audit)),
+        deprecations=deprecations,
+    )
     app.add_middleware(
         RequestMiddleware,
         lifecycle=lifecycle,
@@ -303,8 +346,68 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
         timeouts=deadlines is not None and deadlines.default > 0,
         limiter=limiter,
         identity=identity,
+        settings=settings,
     )
     return runtime
+
+
+def _add_request_layers(
+    app: Starlette,
+    settings: Settings,
+    *,
+    idempotency: IdempotencyStore | None,
+    guard_routes: GuardRoutes | None,
+    limiter: RateLimiter | None,
+    identity: Identity | None,
+    operational: tuple[str, ...],
+    identity_skip: tuple[str, ...],
+    deprecations: DeprecationUsage | None,
+) -> None:
+    """Add the layers between the request middleware and the router, innermost first.
+
+    Each ``add_middleware`` call wraps the ones before it, so the order below is the
+    reverse of the request's path: security headers, versioning, identity, rate
+    limits, request guards, idempotency, then the app.
+    """
+    if idempotency is not None:
+        # Innermost: the principal, tenant and client are known, and a request the guards
+        # refuse never takes a key.
+        app.add_middleware(
+            IdempotencyMiddleware, settings=settings.http.idempotency, store=idempotency
+        )
+    if guard_routes is not None:
+        # Inside the limiter: an oversized or malformed request still counts against its
+        # client's limit, so probing the guards costs as much as any other request.
+        app.add_middleware(
+            GuardMiddleware,
+            settings=settings.guard,
+            operational_prefixes=operational,
+            routes=guard_routes,
+        )
+    if limiter is not None:
+        # Added first, so it runs inside the request middleware: the context, with
+        # the client address and identity, exists; the router comes after it.
+        app.add_middleware(RateLimitMiddleware, limiter=limiter)
+    if identity is not None:
+        # Between the two: the client address is resolved, and limits key on the principal.
+        app.add_middleware(
+            IdentityMiddleware,
+            identity=identity,
+            skip_prefixes=identity_skip,
+        )
+    if deprecations is not None:
+        # Outside identity: a sunset route answers 410 before credentials are checked.
+        app.add_middleware(
+            VersioningMiddleware, settings=settings.http.versioning, usage=deprecations
+        )
+    if settings.http.enabled:
+        # Outside everything that answers: refusals get the security and CORS headers too.
+        app.add_middleware(
+            SecurityMiddleware,
+            settings=settings.http,
+            protected_cookies=[settings.identity.refresh_cookie] if identity is not None else [],
+            credential_headers=("Authorization", settings.identity.api_keys.header),
+        )
 
 
 def create_app(*, settings: Settings | None = None, **overrides: Any) -> Starlette:
@@ -526,6 +629,81 @@ def _install_flags(
     lifecycle.on_startup("feature flags", start, priority=PRIORITY_FLAGS)
     lifecycle.on_shutdown("stop feature flags", stop, priority=PRIORITY_FLAGS)
     return flags
+
+
+def _install_idempotency(
+    app: Starlette,
+    settings: Settings,
+    *,
+    lifecycle: Lifecycle,
+    health: HealthRegistry,
+    redis: Any,
+    database: Database | None,
+) -> IdempotencyStore | None:
+    if not (settings.http.enabled and settings.http.idempotency.enabled):
+        return None
+    store = build_idempotency_store(settings, redis=redis, database=database)
+    if store.kind != "memory":
+        # Not critical for readiness: only keyed requests to idempotent routes need it,
+        # and they get a 503 of their own while it is down.
+        health.register("idempotency", store.ping, critical=False)
+
+    async def start() -> None:
+        await start_idempotency(store, settings, app.router.routes)
+
+    async def stop() -> None:
+        await stop_idempotency(store)
+
+    lifecycle.on_startup("idempotency keys", start, priority=PRIORITY_HTTP)
+    lifecycle.on_shutdown("stop idempotency keys", stop, priority=PRIORITY_HTTP)
+    return store
+
+
+def _install_deprecation_usage(
+    settings: Settings, lifecycle: Lifecycle, redis: Any
+) -> DeprecationUsage | None:
+    if not (settings.http.enabled and settings.http.versioning.enabled):
+        return None
+    client, own_client = _state_client(settings, "http", redis)
+    usage = DeprecationUsage(redis=client, key_prefix=settings.redis.key_prefix)
+
+    async def start() -> None:
+        await usage.start()
+        logger.info("deprecation usage configured", store="redis" if usage.shared else "memory")
+
+    async def stop() -> None:
+        # Flushes what is left, on a client still open.
+        await usage.stop()
+        if own_client is not None:
+            await own_client.aclose()
+
+    lifecycle.on_startup("deprecation usage", start, priority=PRIORITY_HTTP)
+    lifecycle.on_shutdown("flush deprecation usage", stop, priority=PRIORITY_HTTP)
+    return usage
+
+
+def _install_guard(
+    app: Starlette, settings: Settings, lifecycle: Lifecycle, audit: AuditRuntime | None
+) -> tuple[GuardRoutes | None, Guard]:
+    """The request guards' route table (``None`` when off) and the screening runtime.
+
+    The runtime exists even with ``guard.enabled`` off, screening nothing then, so a
+    route that screens its input keeps working when an operator switches the guard off.
+    """
+    if not settings.guard.enabled:
+        section = settings.guard.prompt_injection.model_copy(update={"enabled": False})
+        guard = settings.guard.model_copy(update={"prompt_injection": section})
+        return None, build_guard(settings.model_copy(update={"guard": guard}), audit=audit)
+    # A guard.route_classes entry naming no class raises here, before start-up.
+    routes = GuardRoutes(settings.guard)
+
+    async def read_routes() -> None:
+        # A @limits(body=...) naming no class stops start-up.
+        routes.read(app.router.routes)
+
+    lifecycle.on_startup("request guards", read_routes, priority=PRIORITY_RATELIMIT)
+    # The weights load here, once, not on the first screened request.
+    return routes, build_guard(settings, audit=audit)
 
 
 def _identity_free_admin(admin: list[BaseRoute], audit: AuditRuntime | None) -> tuple[str, ...]:
@@ -787,6 +965,7 @@ def _admin_routes(
     audit: AuditRuntime | None,
     *,
     flags: FlagsRuntime | None = None,
+    deprecations: DeprecationUsage | None = None,
 ) -> list[BaseRoute]:
     access = _admin_access(settings)
     routes: list[BaseRoute] = list(AdminRoutes(access=access, migrator=migrator).routes())
@@ -798,6 +977,8 @@ def _admin_routes(
         routes.extend(_audit_routes(settings, access, audit))
     if flags is not None:
         routes.extend(admin_flag_routes(flags, settings, access))
+    if deprecations is not None:
+        routes.extend(deprecation_routes(access, deprecations))
     return routes
 
 
@@ -905,9 +1086,16 @@ def _freeze_startup_objects() -> None:
 _ALWAYS = problem_responses(
     ErrorCode.INTERNAL, ErrorCode.SERVICE_UNAVAILABLE, ErrorCode.REQUEST_TIMEOUT
 )
-_VALIDATION = problem_responses(ErrorCode.INVALID_INPUT)
+_VALIDATION = problem_responses(ErrorCode.INVALID_INPUT, ErrorCode.INPUT_TOO_LONG)
 _LIMITED = problem_responses(ErrorCode.RATE_LIMITED)
 _GUARDED = problem_responses(ErrorCode.UNAUTHENTICATED, ErrorCode.FORBIDDEN)
+_UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_REQUEST_GUARDS = problem_responses(
+    ErrorCode.URI_TOO_LONG,
+    ErrorCode.HEADERS_TOO_LARGE,
+    ErrorCode.PAYLOAD_TOO_LARGE,
+    ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+)
 
 
 def _document_errors(
@@ -916,6 +1104,7 @@ def _document_errors(
     timeouts: bool,
     limiter: RateLimiter | None = None,
     identity: Identity | None = None,
+    settings: Settings | None = None,
 ) -> None:
     """Make FastAPI's OpenAPI document describe errors (and credentials) as bastion does.
 
@@ -950,6 +1139,11 @@ def _document_errors(
         limited = limiter.operations(app.router.routes) if limiter is not None else {}
         default = limiter.default if limiter is not None else None
         guarded = protected_operations(app.router.routes)
+        keyed = (
+            idempotent_operations(app.router.routes)
+            if settings is not None and settings.http.enabled and settings.http.idempotency.enabled
+            else {}
+        )
         callers = authenticated_operations(app.router.routes, dependencies=[current_tenant_id])
         security: list[dict[str, list[str]]] = []
         if identity is not None:
@@ -958,28 +1152,85 @@ def _document_errors(
                 # An app's own scheme of the same name is the app's to describe.
                 schemes.setdefault(name, scheme)
                 security.append({name: []})
+        facts = _OperationFacts(
+            limited=limited,
+            default_limit=default,
+            guarded=guarded,
+            callers=callers,
+            keyed=keyed,
+            security=security,
+            timeouts=timeouts,
+            guards=settings is not None and settings.guard.enabled,
+            csrf=settings is not None and settings.http.enabled and settings.http.csrf.enabled,
+        )
         for template, path in schema.get("paths", {}).items():
             for method, operation in path.items():
-                responses = operation.setdefault("responses", {})
-                operation_id = (method.upper(), template)
-                if limited.get(operation_id, default) is not None:
-                    responses.setdefault("429", _LIMITED[429])
-                if operation_id in guarded:
-                    responses.setdefault("403", _GUARDED[403])
-                if operation_id in callers:
-                    responses.setdefault("401", _GUARDED[401])
-                    if security:
-                        operation.setdefault("security", security)
-                if "422" in responses:
-                    responses["422"] = _merge(responses["422"], _VALIDATION[422])
-                responses.setdefault("500", _ALWAYS[500])
-                responses.setdefault("503", _ALWAYS[503])
-                if timeouts:
-                    responses.setdefault("504", _ALWAYS[504])
+                _document_operation(operation, (method.upper(), template), facts)
+        if settings is not None and settings.http.enabled and settings.http.versioning.enabled:
+            document_deprecations(schema, app.router.routes, settings.http.versioning)
+        document_preconditions(schema, app.router.routes)
         fastapi_app.openapi_schema = schema
         return schema
 
     fastapi_app.openapi = openapi  # FastAPI's documented way to customise the document
+
+
+@dataclass(frozen=True, slots=True)
+class _OperationFacts:
+    """What the stack knows about the app's operations, for their OpenAPI responses."""
+
+    limited: dict[tuple[str, str], Any]
+    default_limit: Any
+    guarded: set[tuple[str, str]] | frozenset[tuple[str, str]]
+    callers: set[tuple[str, str]] | frozenset[tuple[str, str]]
+    keyed: dict[tuple[str, str], IdempotentRoute]
+    security: list[dict[str, list[str]]]
+    timeouts: bool
+    guards: bool
+    csrf: bool
+
+
+def _document_operation(
+    operation: dict[str, Any], operation_id: tuple[str, str], facts: _OperationFacts
+) -> None:
+    """Add the responses the stack's layers can answer an operation with.
+
+    Merged into what the route declared for the same status, never in place of it: a
+    route listing 429 ``QUOTA_EXCEEDED`` still lists the limiter's ``RATE_LIMITED``.
+    """
+    responses = operation.setdefault("responses", {})
+
+    def add(status: int, described: dict[int | str, dict[str, Any]]) -> None:
+        responses[str(status)] = _merge(responses.get(str(status), {}), described[status])
+
+    if facts.limited.get(operation_id, facts.default_limit) is not None:
+        add(429, _LIMITED)
+    if operation_id in facts.guarded:
+        add(403, _GUARDED)
+    mark = facts.keyed.get(operation_id)
+    if mark is not None:
+        document_idempotency(operation, mark)
+    if operation_id in facts.callers:
+        add(401, _GUARDED)
+        if facts.security:
+            operation.setdefault("security", facts.security)
+    if facts.csrf and operation_id[0] in _UNSAFE_METHODS:
+        # A request carrying an authenticating cookie must prove its origin, on any path:
+        # a client may send the cookie anywhere, and the check answers 403 before routing.
+        add(403, _GUARDED)
+    if facts.guards:
+        # The request guards answer before the app: a request line or headers over their
+        # bounds, and a body too large or of another type, on any operation (a body sent
+        # to a route that declares none is checked too: it may read the raw request).
+        for status in (413, 414, 415, 431):
+            add(status, _REQUEST_GUARDS)
+        add(422, _VALIDATION)
+    elif "422" in responses:
+        add(422, _VALIDATION)
+    add(500, _ALWAYS)
+    add(503, _ALWAYS)
+    if facts.timeouts:
+        add(504, _ALWAYS)
 
 
 def _security_schemes(identity: Identity) -> dict[str, dict[str, str]]:
@@ -1001,10 +1252,25 @@ def _security_schemes(identity: Identity) -> dict[str, dict[str, str]]:
     }
 
 
-def _merge(existing: dict[str, Any], validation: dict[str, Any]) -> dict[str, Any]:
-    codes = sorted({*existing.get("x-error-codes", []), *validation["x-error-codes"]})
+def _merge(existing: dict[str, Any], added: dict[str, Any]) -> dict[str, Any]:
+    """One response object listing the codes of both; the route's own words and media kept."""
+    codes = sorted({*existing.get("x-error-codes", []), *added["x-error-codes"]})
+    listed = "Error codes: " + ", ".join(codes)
+    described = existing.get("description", "")
+    if described and not described.startswith("Error codes:"):
+        listed = f"{described} {listed}"
     return {
-        "description": "Error codes: " + ", ".join(codes),
-        "content": validation["content"],
+        **existing,
+        "description": listed,
+        # Every error body is a problem: FastAPI's application/json validation schema,
+        # removed from the components, is not what a client gets.
+        "content": {
+            **{
+                media: value
+                for media, value in existing.get("content", {}).items()
+                if media != "application/json"
+            },
+            **added["content"],
+        },
         "x-error-codes": codes,
     }

@@ -16,6 +16,8 @@ The tree::
     ├── Unauthenticated             UNAUTHENTICATED (401)
     ├── PreconditionFailed          PRECONDITION_FAILED (412)
     ├── PreconditionRequired        PRECONDITION_REQUIRED (428)
+    ├── PayloadTooLarge             PAYLOAD_TOO_LARGE (413)
+    ├── UnsupportedMediaType        UNSUPPORTED_MEDIA_TYPE (415)
     ├── ServiceUnavailable          SERVICE_UNAVAILABLE (503)
     ├── DependencyFailure           DEPENDENCY_FAILURE (502)
     └── ConfigurationError          not an HTTP error: stops start-up
@@ -46,10 +48,12 @@ __all__ = [
     "Forbidden",
     "InvalidInput",
     "NotFound",
+    "PayloadTooLarge",
     "PreconditionFailed",
     "PreconditionRequired",
     "ServiceUnavailable",
     "Unauthenticated",
+    "UnsupportedMediaType",
     "code_for_status",
     "problem_body",
     "problem_responses",
@@ -88,6 +92,8 @@ class ErrorCode(enum.StrEnum):
     METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
     NOT_ACCEPTABLE = "NOT_ACCEPTABLE"
     HTTP_ERROR = "HTTP_ERROR"
+    URI_TOO_LONG = "URI_TOO_LONG"
+    HEADERS_TOO_LARGE = "HEADERS_TOO_LARGE"
 
     @property
     def status(self) -> int:
@@ -133,6 +139,8 @@ _STATUS: Final[Mapping[ErrorCode, int]] = {
     ErrorCode.METHOD_NOT_ALLOWED: 405,
     ErrorCode.NOT_ACCEPTABLE: 406,
     ErrorCode.HTTP_ERROR: 400,
+    ErrorCode.URI_TOO_LONG: 414,
+    ErrorCode.HEADERS_TOO_LARGE: 431,
 }
 
 _TITLE: Final[Mapping[ErrorCode, str]] = {
@@ -164,10 +172,12 @@ _CODE_BY_STATUS: Final[Mapping[int, ErrorCode]] = {
     410: ErrorCode.VERSION_SUNSET,
     412: ErrorCode.PRECONDITION_FAILED,
     413: ErrorCode.PAYLOAD_TOO_LARGE,
+    414: ErrorCode.URI_TOO_LONG,
     415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
     422: ErrorCode.INVALID_INPUT,
     428: ErrorCode.PRECONDITION_REQUIRED,
     429: ErrorCode.RATE_LIMITED,
+    431: ErrorCode.HEADERS_TOO_LARGE,
     500: ErrorCode.INTERNAL,
     502: ErrorCode.DEPENDENCY_FAILURE,
     503: ErrorCode.SERVICE_UNAVAILABLE,
@@ -191,15 +201,20 @@ class FieldError:
         field: dotted location of the offending value, such as ``body.title``.
         code: a short machine-readable reason, such as ``too_long`` or ``missing``.
         message: a human-readable sentence that never echoes a secret.
+        limit: the bound the value broke (characters, bytes, items), when it broke one.
     """
 
     field: str
     code: str
     message: str
+    limit: int | None = None
 
-    def as_dict(self) -> dict[str, str]:
+    def as_dict(self) -> dict[str, Any]:
         """Return the member as it appears in a problem body's ``errors`` list."""
-        return {"field": self.field, "code": self.code, "message": self.message}
+        member: dict[str, Any] = {"field": self.field, "code": self.code, "message": self.message}
+        if self.limit is not None:
+            member["limit"] = self.limit
+        return member
 
 
 class BastionError(Exception):
@@ -302,6 +317,18 @@ class PreconditionRequired(BastionError):
     code = ErrorCode.PRECONDITION_REQUIRED
 
 
+class PayloadTooLarge(BastionError):
+    """The request body is larger than the route accepts."""
+
+    code = ErrorCode.PAYLOAD_TOO_LARGE
+
+
+class UnsupportedMediaType(BastionError):
+    """The request body's media type is not one the route accepts."""
+
+    code = ErrorCode.UNSUPPORTED_MEDIA_TYPE
+
+
 class ServiceUnavailable(BastionError):
     """The service cannot answer now (shutting down, not ready, overloaded)."""
 
@@ -381,6 +408,7 @@ PROBLEM_SCHEMA: Final[dict[str, Any]] = {
                     "field": {"type": "string"},
                     "code": {"type": "string"},
                     "message": {"type": "string"},
+                    "limit": {"type": "integer"},
                 },
             },
         },

@@ -15,7 +15,7 @@ import os
 import re
 import tomllib
 import typing
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,9 +23,11 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
+    ByteSize,
     ConfigDict,
     Field,
     SecretStr,
+    field_validator,
     model_validator,
 )
 from pydantic import ValidationError as PydanticValidationError
@@ -154,11 +156,155 @@ class SharedStateSection(SectionSettings):
     """Where the state lives; ``None`` means ``redis.url`` when set, else ``memory://``."""
 
 
-class HttpSettings(SharedStateSection):
-    """The error envelope.
+def _no_credentialed_wildcard(settings: CorsSettings) -> CorsSettings:
+    if settings.allow_credentials and "*" in settings.allow_origins:
+        raise ValueError(
+            "allow_origins '*' with allow_credentials would let every site act as the "
+            "user: list the origins"
+        )
+    return settings
 
-    API conventions (headers, CORS, versioning, idempotency) are added by a later
-    issue, which is when ``enabled`` starts to gate them.
+
+class SecurityHeaderSettings(_Section):
+    """Security headers added to every response that does not set its own."""
+
+    enabled: bool = True
+    """Whether the headers below are added."""
+    hsts_max_age: Seconds = 31_536_000
+    """``Strict-Transport-Security: max-age``, sent only on requests that arrived over
+    TLS (directly or through a trusted proxy); 0 sends none."""
+    hsts_include_subdomains: bool = True
+    """Add ``includeSubDomains`` to HSTS."""
+    hsts_preload: bool = False
+    """Add ``preload`` to HSTS (only once the domain is on the preload list)."""
+    content_type_options: bool = True
+    """``X-Content-Type-Options: nosniff``."""
+    frame_options: Literal["DENY", "SAMEORIGIN"] | None = "DENY"
+    """``X-Frame-Options``; ``None`` sends none."""
+    referrer_policy: str | None = "no-referrer"
+    """``Referrer-Policy``; ``None`` sends none."""
+    content_security_policy: str | None = (
+        "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    )
+    """``Content-Security-Policy`` of HTML responses; ``None`` sends none."""
+    docs_content_security_policy: str | None = (
+        "default-src 'none'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
+        "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
+        "img-src 'self' data: https://fastapi.tiangolo.com; connect-src 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'"
+    )
+    """The policy of the interactive API documentation (``/api/docs``), whose page
+    loads Swagger UI's script and styles from a CDN."""
+    docs_paths: list[str] = Field(default_factory=lambda: ["/api/docs", "/docs", "/redoc"])
+    """Paths of HTML documentation pages, which get ``docs_content_security_policy``."""
+
+
+class CorsSettings(_Section):
+    """Cross-origin requests from browsers; no origin is allowed unless listed."""
+
+    allow_origins: list[str] = Field(default_factory=list)
+    """Origins (``https://app.example.com``) whose pages may call the API; empty: none.
+    ``*`` allows any origin, and is refused together with ``allow_credentials``."""
+    allow_credentials: bool = False
+    """Whether browsers may send cookies and ``Authorization`` cross-origin."""
+    allow_methods: list[str] = Field(
+        default_factory=lambda: ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+    )
+    """Methods a preflight allows."""
+    allow_headers: list[str] = Field(
+        default_factory=lambda: [
+            "Authorization",
+            "Content-Type",
+            "Idempotency-Key",
+            "If-Match",
+            "If-None-Match",
+            "X-API-Key",
+            "X-CSRF-Token",
+            "X-Request-Id",
+            "traceparent",
+            "tracestate",
+        ]
+    )
+    """Request headers a preflight allows."""
+    expose_headers: list[str] = Field(
+        default_factory=lambda: [
+            "Deprecation",
+            "ETag",
+            "Idempotency-Key",
+            "Link",
+            "Location",
+            "Retry-After",
+            "Sunset",
+            "X-Request-Id",
+            "RateLimit",
+            "RateLimit-Policy",
+        ]
+    )
+    """Response headers scripts may read."""
+    max_age: Seconds = 600
+    """Seconds a browser may cache a preflight answer."""
+
+
+class CsrfSettings(_Section):
+    """CSRF protection of unsafe requests authenticated by a cookie (double submit)."""
+
+    enabled: bool = True
+    """Whether unsafe requests carrying an authenticating cookie must prove their origin."""
+    cookie: str = "bastion_csrf"
+    """Name of the readable cookie holding the token, set beside the authenticating cookie."""
+    header: str = "X-CSRF-Token"
+    """Header in which the page sends the cookie's token back."""
+    protected_cookies: list[str] | None = None
+    """Cookies that authenticate a request; ``None``: the identity refresh cookie."""
+
+
+class DeprecationSettings(_Section):
+    """A deprecated API version, path prefix or route, from configuration."""
+
+    deprecated_at: datetime
+    """When it was (or will be) deprecated: the ``Deprecation`` header's date (RFC 9745)."""
+    sunset_at: datetime | None = None
+    """When it stops answering: the ``Sunset`` header (RFC 8594); from then on, 410
+    ``VERSION_SUNSET``."""
+    link: str | None = None
+    """The migration guide, sent as ``Link: <...>; rel="deprecation"``."""
+
+
+class VersioningSettings(_Section):
+    """API versions in the path (``/v1/``) and their deprecation."""
+
+    enabled: bool = True
+    """Whether deprecation headers and sunset answers are applied."""
+    deprecations: dict[str, DeprecationSettings] = Field(default_factory=dict)
+    """What is deprecated, keyed by path prefix (``/v1/``) or by ``METHOD /template``
+    (``GET /v1/documents/{document_id}``); a route's own ``@deprecated`` mark wins."""
+
+
+class IdempotencySettings(_Section):
+    """``Idempotency-Key`` on the POST and PATCH routes that opt in."""
+
+    enabled: bool = True
+    """Whether opted-in routes honour the header."""
+    store_url: StoreUrl = None
+    """Where records live: ``redis://``, a SQL URL, or ``memory://``; ``None`` means
+    ``redis.url`` when set, else ``database.url`` when the database is on, else memory."""
+    ttl: Seconds = 86_400
+    """How long a response is kept for replay, seconds."""
+    lock_timeout: Seconds = 60
+    """How long a request in progress holds its key; past this, a crashed holder's key
+    may be taken again. Keep it above the longest request deadline."""
+    max_key_length: int = Field(default=255, ge=16, le=1024)
+    """Longest accepted key, in characters."""
+    max_response_size: int = Field(default=1_048_576, ge=1024)
+    """Largest response body stored for replay, bytes; a larger one is not replayed
+    (the key is released and a retry executes again)."""
+
+
+class HttpSettings(SharedStateSection):
+    """The error envelope and the API conventions.
+
+    Security headers, CORS, CSRF, versioning and idempotency keys; ``enabled``
+    gates the conventions; the error envelope is always on.
     """
 
     problem_type_base: str = "urn:bastion:problem:"
@@ -176,6 +322,11 @@ class HttpSettings(SharedStateSection):
     client_ip_header: Literal["x-forwarded-for", "forwarded", "x-real-ip"] = "x-forwarded-for"
     """The one header the trusted proxies set; others are ignored, since a client can
     send any of them."""
+    security_headers: SecurityHeaderSettings = SecurityHeaderSettings()
+    cors: Annotated[CorsSettings, AfterValidator(_no_credentialed_wildcard)] = CorsSettings()
+    csrf: CsrfSettings = CsrfSettings()
+    versioning: VersioningSettings = VersioningSettings()
+    idempotency: IdempotencySettings = IdempotencySettings()
 
 
 class ServerSettings(_Section):
@@ -913,8 +1064,77 @@ class FlagsSettings(SharedStateSection):
     """Path of the front ends' route (the calling user's client-visible flags); ``None``: none."""
 
 
+class PromptInjectionSettings(_Section):
+    """Screening of text bound for an LLM."""
+
+    enabled: bool = True
+    """Whether :meth:`bastion.guard.Guard.screen` screens; off, it lets everything through."""
+    threshold: float = Field(default=0.5, gt=0, le=1)
+    """Score from which a text is refused (422 ``PROMPT_INJECTION_DETECTED``); a
+    route may pass its own."""
+    model_path: Path | None = None
+    """Weights of the statistical layer; ``None``: the model shipped with bastion."""
+    max_scan_chars: int = Field(default=32_768, ge=256)
+    """Characters of a text that are screened; a longer text is screened in full
+    windows of this size, and its score is the highest window's."""
+    audit: bool = True
+    """Record each refusal in the audit trail (``guard.prompt_injection``)."""
+
+
 class GuardSettings(SectionSettings):
-    """Input guards (a later issue fills this section in)."""
+    """Request guards (size, content type, JSON shape, encoding, headers) and input screening."""
+
+    body_limits: dict[str, ByteSize] = Field(
+        default_factory=lambda: {
+            "default": ByteSize(1_048_576),
+            "small": ByteSize(65_536),
+            "upload": ByteSize(104_857_600),
+        }
+    )
+    """Largest request body per route class (``1MiB``, ``64KiB``...); routes are
+    ``default`` unless marked (``@bastion.guard.limits(body="upload")``) or listed in
+    ``route_classes``. Must name ``default``."""
+    route_classes: dict[str, str] = Field(default_factory=dict)
+    """Route class by ``METHOD /template`` (``POST /v1/imports``), for routes that
+    cannot be marked in code."""
+    content_types: list[str] = Field(
+        default_factory=lambda: [
+            "application/json",
+            "application/merge-patch+json",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data",
+        ]
+    )
+    """Media types a request body may have (parameters such as ``charset`` ignored;
+    ``+json`` suffixes of listed types are not implied); a route may list its own."""
+    json_max_depth: int = Field(default=32, ge=1, le=512)
+    """Deepest nesting of arrays and objects in a JSON body."""
+    json_max_elements: int = Field(default=10_000, ge=1)
+    """Most values (members, items and scalars together) in a JSON body."""
+    max_header_bytes: int = Field(default=16_384, ge=1024)
+    """Largest total size of the request headers (names and values), bytes: 431 above."""
+    max_header_count: int = Field(default=100, ge=8)
+    """Most request headers: 431 above."""
+    max_query_bytes: int = Field(default=8_192, ge=256)
+    """Longest query string, bytes: 414 above."""
+    page_size_default: int = Field(default=50, ge=1)
+    """Items per page when a list request names none."""
+    page_size_max: int = Field(default=1_000, ge=1)
+    """Most items per page a list request may ask for."""
+    fetch_allow_private: bool = False
+    """Let URL fields the server fetches point at private, loopback or link-local
+    addresses (off: SSRF protection)."""
+    fetch_allowed_hosts: list[str] = Field(default_factory=list)
+    """Hosts a fetched URL may name even when they resolve to a private address
+    (an internal service the operator trusts)."""
+    prompt_injection: PromptInjectionSettings = PromptInjectionSettings()
+
+    @field_validator("body_limits")
+    @classmethod
+    def _names_default(cls, value: dict[str, ByteSize]) -> dict[str, ByteSize]:
+        if "default" not in value:
+            raise ValueError("must name the 'default' route class")
+        return value
 
 
 class DatabaseSettings(SectionSettings):

@@ -7,12 +7,12 @@ is ``bastion_docs:migrations``, applied by bastion at start-up or by
 
 The service's API, under ``/v1``::
 
-    POST   /documents             create (201, Location)
-    GET    /documents             list, newest first: ?page=1&page_size=20 (1-100)
-    GET    /documents/{id}        read
-    PATCH  /documents/{id}        change title, body, tags or sensitive; version += 1
-    DELETE /documents/{id}        delete (204)
-    POST   /assistant/ask         a question about the tenant's documents
+    POST   /documents             create (201, Location, ETag); Idempotency-Key honoured
+    GET    /documents             list: ?sort=-created_at&filter[tag]=ops&page=1&page_size=50
+    GET    /documents/{id}        read (ETag "v<version>"; 304 to If-None-Match)
+    PATCH  /documents/{id}        change title, body, tags or sensitive; If-Match required
+    DELETE /documents/{id}        delete (204); If-Match required
+    POST   /assistant/ask         a question about the tenant's documents (screened)
 
 Accounts (``/v1/auth/*``), tenants and their members (``/v1/tenants``) and API
 keys (``/v1/api-keys``) are bastion's identity routes, mounted by
@@ -29,4 +29,6 @@ Choices the code relies on:
   ``documents:write`` (member and up) writes. An API key holds what its scopes
   name; a document it creates records the key as its author.
 - Lists return summaries (no body) and links as paths, not absolute URLs.
+- Writes are conditional: ``If-Match`` with the version's ETag (or ``*``),
+  checked inside the ``UPDATE``/``DELETE``, so no update is ever lost.
 """

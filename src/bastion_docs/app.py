@@ -33,6 +33,7 @@ from bastion.settings import RoleSettings, Settings, load_settings
 from bastion_docs.assistant import DEPENDENCY, Assistant, LLMSettings
 from bastion_docs.conformance import conformance_router
 from bastion_docs.routes import v1
+from bastion_docs.routes.assistant import AUDIT_ACTIONS as ASSISTANT_ACTIONS
 from bastion_docs.routes.documents import AUDIT_ACTIONS, READ, WRITE
 
 __all__ = ["DEFAULT_RATE_LIMIT", "DOCUMENT_PERMISSIONS", "FLAGS_SEED", "MIGRATIONS", "create_app"]
@@ -130,8 +131,9 @@ def create_app(*, llm: dict[str, Any] | LLMSettings | None = None, **overrides: 
         raise ConfigurationError("Bastion Docs authenticates its callers: enable identity")
     if runtime.audit is not None:
         # Its writes (and sensitive reads) are recorded under actions of its own.
-        runtime.audit.log.register_actions(AUDIT_ACTIONS)
+        runtime.audit.log.register_actions({**AUDIT_ACTIONS, **ASSISTANT_ACTIONS})
     app.include_router(v1)
+    _document_if_match(app)
     _install_assistant(app, runtime, llm_settings)
     if runtime.settings.tracing.conformance_endpoint:
         if runtime.tracing is None:
@@ -168,6 +170,30 @@ def _with_document_permissions(settings: Settings) -> Settings:
         roles[name] = role.model_copy(update={"permissions": [*role.permissions, *added]})
     identity = settings.identity.model_copy(update={"roles": roles})
     return settings.model_copy(update={"identity": identity})
+
+
+def _document_if_match(app: FastAPI) -> None:
+    # The If-Match dependency declares the header optional, so that a missing one is
+    # 428 PRECONDITION_REQUIRED rather than a validation 422; the document says what
+    # the API requires.
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = original()
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                for parameter in (
+                    operation.get("parameters", ()) if isinstance(operation, dict) else ()
+                ):
+                    if parameter.get("in") == "header" and parameter.get("name") == "If-Match":
+                        parameter["required"] = True
+                        parameter["schema"] = {"type": "string", "title": "If-Match"}
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented customisation
 
 
 def _llm_settings(llm: dict[str, Any] | LLMSettings | None) -> LLMSettings:

@@ -20,18 +20,20 @@ import asyncio
 import html
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit
 
 import httpx
 import structlog
+from prometheus_client import Counter
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import String, case, cast, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from bastion.guard import Guard, Screening
 from bastion.observability.metrics import RESILIENCE_FALLBACKS
 from bastion.resilience import (
     BulkheadFullError,
@@ -52,11 +54,14 @@ from bastion_docs.schemas import (
 
 __all__ = [
     "DEPENDENCY",
+    "SOURCES_EXCLUDED",
     "Assistant",
     "LLMSettings",
     "Match",
     "build_messages",
+    "context_text",
     "keywords",
+    "screen_matches",
     "search",
     "summarize",
 ]
@@ -101,6 +106,11 @@ _WORD: Final = re.compile(r"[^\W_]+")  # letters and digits: never LIKE's % or _
 _SENTENCE_END: Final = re.compile(r"(?<=[.!?])\s|\n")
 
 logger = structlog.get_logger("bastion_docs.assistant")
+
+SOURCES_EXCLUDED: Final = Counter(
+    "bastion_docs_assistant_sources_excluded_total",
+    "Matching documents left out of the LLM provider's context by prompt-injection screening.",
+)
 
 
 class LLMSettings(BaseSettings):
@@ -287,6 +297,36 @@ def build_messages(question: str, matches: Sequence[Match]) -> list[dict[str, st
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
 
 
+def context_text(match: Match) -> str:
+    """Return the text of a match that would reach the provider: its title and excerpt."""
+    return f"{match.title}\n{match.excerpt}"
+
+
+async def screen_matches(
+    guard: Guard | None, matches: Sequence[Match]
+) -> list[tuple[Match, Screening]]:
+    """Return the matches that must not be sent to the provider, with their screening.
+
+    A match whose title and excerpt (exactly what :func:`build_messages` would
+    send) score at or above ``guard.prompt_injection.threshold`` is held back: a
+    document is data the tenant wrote, and one written to steer the assistant
+    must not reach it, whoever asks. Screening off (or no guard): all pass.
+
+    Returns:
+        The held-back matches, in search order, with their screening.
+    """
+    if guard is None or not guard.settings.enabled:
+        return []
+    excluded: list[tuple[Match, Screening]] = []
+    for match in matches:
+        screening = await guard.detector.screen(context_text(match))
+        if screening.score >= guard.settings.threshold:
+            excluded.append((match, screening))
+    if excluded:
+        SOURCES_EXCLUDED.inc(len(excluded))
+    return excluded
+
+
 class Assistant:
     """Answers questions from the LLM provider, or from keyword matches when it cannot.
 
@@ -302,26 +342,46 @@ class Assistant:
         self._client = client if settings.endpoint is not None else None
         self._fallbacks = RESILIENCE_FALLBACKS.labels(DEPENDENCY)
 
+    @property
+    def configured(self) -> bool:
+        """Whether a provider is configured (else every answer is degraded)."""
+        return self._client is not None
+
     async def answer(
-        self, question: str, matches: Sequence[Match]
+        self,
+        question: str,
+        matches: Sequence[Match],
+        *,
+        excluded: Collection[uuid.UUID] = frozenset(),
     ) -> AssistantAnswer | DegradedAnswer:
         """Ask the provider about ``question`` with ``matches`` as context.
 
         Args:
             question: the caller's question.
             matches: the caller's tenant's matching documents (from :func:`search`).
+            excluded: ids of matches held back from the provider by screening
+                (:func:`screen_matches`): never sent, nor listed as sources of the
+                provider's answer, only counted in ``excluded_sources``. A degraded
+                answer reaches only the caller, who may read them anyway, so it
+                summarises every match as before.
 
         Returns:
             The provider's answer, or the keyword summary marked degraded with the
             reason; never the provider's error text.
         """
-        sources = [AssistantSource(id=match.id, title=match.title) for match in matches]
+        sent = [match for match in matches if match.id not in excluded]
         try:
-            text = await self._ask(question, matches)
+            text = await self._ask(question, sent)
         except _Unanswered as exc:
             self._fallbacks.inc()
+            sources = [AssistantSource(id=match.id, title=match.title) for match in matches]
             return DegradedAnswer(answer=summarize(matches), sources=sources, reason=exc.reason)
-        return AssistantAnswer(answer=text, sources=sources, provider=self.settings.api)
+        return AssistantAnswer(
+            answer=text,
+            sources=[AssistantSource(id=match.id, title=match.title) for match in sent],
+            provider=self.settings.api,
+            excluded_sources=len(matches) - len(sent),
+        )
 
     async def aclose(self) -> None:
         """Close the HTTP client (its pooled connections)."""

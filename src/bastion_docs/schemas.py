@@ -2,29 +2,31 @@
 
 Request models are strict (no coercion: ``"title": 5`` is an error, not
 ``"5"``) and forbid unknown fields, so a typo in a field name is a 422 rather
-than a silently ignored change. Free text refuses control characters: they
-have no place in a title, and PostgreSQL cannot store NUL at all, which would
-otherwise surface as a 500 from the driver. (Lone UTF-16 surrogates, valid as
-JSON escapes but not as UTF-8, are already refused by pydantic.)
+than a silently ignored change. Free text uses bastion's constrained types
+(:mod:`bastion.guard`): control characters and NUL are refused (PostgreSQL
+cannot store NUL at all), bidirectional overrides and zero-width characters are
+removed, text is NFC-normalised, and a value over its bound is a 422
+``INPUT_TOO_LONG`` naming the ``limit``. Lone UTF-16 surrogates, valid as JSON
+escapes but not as UTF-8, are refused by the request guard and by the types.
 """
 
 from __future__ import annotations
 
-import re
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, Final, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
-    StringConstraints,
     field_validator,
 )
 from pydantic_core import PydanticCustomError
 
+from bastion.guard import Page, PageLinks, Slug, TextRule
 from bastion_docs.models import DOCUMENT_TITLE_MAX
 
 __all__ = [
@@ -44,73 +46,40 @@ __all__ = [
     "DocumentSummary",
     "PageLinks",
     "ProviderApi",
+    "Tag",
 ]
 
 BODY_MAX_BYTES: Final = 1024 * 1024
 """Largest document body, in bytes of UTF-8 (what the database stores)."""
 TAGS_MAX: Final = 20
 TAG_MAX: Final = 50
-TAG_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
 QUESTION_MAX: Final = 2000
 """Longest question to the assistant, in characters after surrounding whitespace is stripped."""
 
-# Tab, line feed and carriage return are the only control characters a body may hold;
-# a one-line field holds none.
-_CONTROL_IN_LINE: Final = re.compile(r"[\x00-\x1f\x7f]")
-_CONTROL_IN_TEXT: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
-
-def _single_line(value: str) -> str:
-    if _CONTROL_IN_LINE.search(value):
-        raise PydanticCustomError("control_character", "Text must not contain control characters.")
-    return value
-
-
-def _multi_line(value: str) -> str:
-    if _CONTROL_IN_TEXT.search(value):
-        raise PydanticCustomError(
-            "control_character", "Text may contain tabs and line breaks but no other controls."
-        )
-    if len(value.encode("utf-8")) > BODY_MAX_BYTES:
-        raise PydanticCustomError(
-            "string_too_long",
-            "Text must be at most {max_bytes} bytes of UTF-8.",
-            {"max_bytes": BODY_MAX_BYTES},
-        )
-    return value
-
-
-def _question(value: str) -> str:
-    if _CONTROL_IN_TEXT.search(value):
-        raise PydanticCustomError(
-            "control_character", "Text may contain tabs and line breaks but no other controls."
-        )
-    return value
+def _lower(value: Any) -> Any:
+    # Tags are case-insensitive labels: "Ops" is stored as "ops" before the slug rule runs.
+    return value.lower() if isinstance(value, str) else value
 
 
 def _unique_tags(value: list[str]) -> list[str]:
-    # Tags are a set of case-insensitive labels; order of first appearance is kept.
-    return list(dict.fromkeys(tag.lower() for tag in value))
+    # Tags are a set of labels; order of first appearance is kept.
+    return list(dict.fromkeys(value))
 
 
-Title = Annotated[
-    str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=DOCUMENT_TITLE_MAX),
-    AfterValidator(_single_line),
-]
+Title = Annotated[str, TextRule(DOCUMENT_TITLE_MAX, min_length=1)]
+"""One line of at most 200 characters, stripped, NFC, without controls or bidi overrides."""
 Body = Annotated[
-    # A character bound first, so a huge body fails before it is encoded to be measured.
-    str,
-    StringConstraints(max_length=BODY_MAX_BYTES),
-    AfterValidator(_multi_line),
+    str, TextRule(BODY_MAX_BYTES, multiline=True, strip=False, max_bytes=BODY_MAX_BYTES)
 ]
-Tag = Annotated[str, StringConstraints(min_length=1, max_length=TAG_MAX, pattern=TAG_PATTERN)]
+"""Text with line breaks and tabs, at most 1 MiB of UTF-8; surrounding whitespace is kept."""
+if TYPE_CHECKING:
+    Tag = str
+else:
+    # A type factory call: checkers see the plain string it validates.
+    Tag = Annotated[Slug(TAG_MAX), BeforeValidator(_lower)]
 Tags = Annotated[list[Tag], Field(max_length=TAGS_MAX), AfterValidator(_unique_tags)]
-Question = Annotated[
-    str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=QUESTION_MAX),
-    AfterValidator(_question),
-]
+Question = Annotated[str, TextRule(QUESTION_MAX, min_length=1, multiline=True)]
 ProviderApi = Literal["openai", "ollama"]
 """The API an LLM provider speaks: OpenAI's chat completions (and compatibles) or Ollama's."""
 DegradedReason = Literal["circuit_open", "timeout", "provider_error", "busy", "not_configured"]
@@ -183,24 +152,8 @@ class DocumentOut(DocumentSummary):
     body: str
 
 
-class PageLinks(BaseModel):
-    """Links to pages of the same list, as paths relative to the API's origin."""
-
-    self: str
-    first: str
-    prev: str | None = Field(description="``null`` on the first page.")
-    next: str | None = Field(description="``null`` on the last page.")
-    last: str
-
-
-class DocumentPage(BaseModel):
-    """One page of the tenant's documents, newest first."""
-
-    items: list[DocumentSummary]
-    page: int
-    page_size: int
-    total: int = Field(description="Documents in the whole list, not on this page.")
-    links: PageLinks
+class DocumentPage(Page[DocumentSummary]):
+    """One page of the tenant's documents, in the order asked for (newest first by default)."""
 
 
 class AssistantQuestion(_Request):
@@ -225,6 +178,12 @@ class AssistantAnswer(BaseModel):
     )
     degraded: Literal[False] = False
     provider: ProviderApi = Field(description="The API of the provider that answered.")
+    excluded_sources: int = Field(
+        default=0,
+        ge=0,
+        description="Matching documents left out of the provider's context because their "
+        "text looks like a prompt injection; they are neither sent nor listed in ``sources``.",
+    )
 
 
 class DegradedAnswer(BaseModel):

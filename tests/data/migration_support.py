@@ -14,7 +14,13 @@ from bastion.settings import DatabaseSettings
 
 T = TypeVar("T")
 
-BASTION_REVISIONS = ("0001_baseline", "0002_identity", "0003_audit", "0004_flags")
+BASTION_REVISIONS = (
+    "0001_baseline",
+    "0002_identity",
+    "0003_audit",
+    "0004_flags",
+    "0005_idempotency",
+)
 """Bastion's own tree, oldest first."""
 BASTION_APPLIED = [("bastion", revision) for revision in BASTION_REVISIONS]
 """``(tree, revision)`` of bastion's tree as an upgrade applies it."""

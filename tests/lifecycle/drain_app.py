@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 import bastion
+from bastion.guard import limits
 
 logger = structlog.get_logger("tests.drain_app")
 
@@ -28,6 +29,7 @@ async def slow(request: Request) -> JSONResponse:
     return JSONResponse({"n": request.query_params.get("n"), "slept": seconds})
 
 
+@limits(content_types=["application/octet-stream"])
 async def upload(request: Request) -> JSONResponse:
     """Read the whole body however slowly it arrives; answer its size and digest."""
     body = await request.body()

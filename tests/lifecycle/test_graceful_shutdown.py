@@ -107,6 +107,8 @@ class TestSigterm:
         assert [
             "close test clients",
             "close test cache",
+            "flush deprecation usage",
+            "stop idempotency keys",
             "stop feature flags",
             "stop audit trail",
             "close identity",

@@ -142,7 +142,21 @@ class TestValidationErrors:
             "body.title": "string_too_long",
             "body.count": "int_parsing",
         } == fields
-        assert all(set(error) == {"field", "code", "message"} for error in body["errors"])
+        limits = {error["field"]: error.get("limit") for error in body["errors"]}
+        assert {"path.item_id": None, "body.title": 10, "body.count": None} == limits
+        assert all(
+            set(error) - {"limit"} == {"field", "code", "message"} for error in body["errors"]
+        )
+
+    async def test_only_too_long_is_input_too_long(self, app):
+        """A body whose only fault is a value over its bound is INPUT_TOO_LONG, with the bound."""
+        async with lifespan_client(app) as client:
+            response = await client.post("/items/1", json={"title": "x" * 11, "count": 1})
+        body = assert_problem(response, 422, "INPUT_TOO_LONG")
+        [error] = body["errors"]
+        assert {"field": "body.title", "code": "string_too_long", "limit": 10} == {
+            key: error[key] for key in ("field", "code", "limit")
+        }
 
     async def test_422_does_not_echo_the_input(self, app):
         """The rejected values (which may be secrets) are not in the response."""
@@ -243,7 +257,7 @@ class TestOpenApi:
         bastion.install(app, database={"enabled": False}, logging={"enabled": False})
         schema = app.openapi()
         responses = schema["paths"]["/items/{item_id}"]["post"]["responses"]
-        assert ["INVALID_INPUT"] == responses["422"]["x-error-codes"]
+        assert ["INPUT_TOO_LONG", "INVALID_INPUT"] == responses["422"]["x-error-codes"]
         assert ["INTERNAL"] == responses["500"]["x-error-codes"]
         assert ["SERVICE_UNAVAILABLE"] == responses["503"]["x-error-codes"]
         assert {PROBLEM} == set(responses["422"]["content"])

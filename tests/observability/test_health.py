@@ -398,9 +398,11 @@ class TestDatabaseOutage:
             database={"url": private_postgres.url, "connect_timeout": 1},
             migrations={"enabled": False},
             health={"check_timeout": 2},
-            # No migrations, no audit or flag tables: readiness would (rightly) say so.
+            # No migrations, no audit, flag or idempotency tables: readiness would (rightly)
+            # say so, and the failing queries would keep the database's circuit open.
             audit={"enabled": False},
             flags={"enabled": False},
+            http={"idempotency": {"enabled": False}},
         )
         async with lifespan_client(app) as client:
             before = await client.get("/health/ready")

@@ -612,6 +612,10 @@ class TestAdminUnlock:
     async def test_unlock_validates_its_body(self, body):
         """A missing, blank or unreadable identifier is a 422 problem."""
         async with started(make_app(), client=("127.0.0.1", 1)) as client:
-            response = await client.post("/admin/ratelimit/unlock", content=body)
+            response = await client.post(
+                "/admin/ratelimit/unlock",
+                content=body,
+                headers={"content-type": "application/json"},
+            )
         assert 422 == response.status_code
         assert "INVALID_INPUT" == response.json()["code"]

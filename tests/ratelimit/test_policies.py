@@ -11,11 +11,17 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route, Router
 
+from bastion._routes import RouteTable, route_entries
 from bastion.context import RequestContext
 from bastion.errors import ConfigurationError
 from bastion.ratelimit import MemoryStore, RateLimiter, rate_limit
-from bastion.ratelimit._policy import Policy, build_policy, check_policy_name, client_bucket
-from bastion.ratelimit._routes import RoutePlan, RouteTable, route_entries
+from bastion.ratelimit._policy import (
+    Policy,
+    RoutePlan,
+    build_policy,
+    check_policy_name,
+    client_bucket,
+)
 from bastion.ratelimit._rules import build_rules
 from bastion.settings import RateLimitPolicy, RateLimitSettings, load_settings
 

@@ -11,6 +11,8 @@ from bastion.testing import create_member, lifespan_client, member_token
 from bastion_docs.app import DOCUMENT_PERMISSIONS
 
 PROBLEM = "application/problem+json"
+IF_V1 = {"If-Match": '"v1"'}
+"""The ETag of a document never changed: writes need one (428 without)."""
 
 
 def problem(response) -> tuple[int, str, str]:
@@ -72,8 +74,8 @@ class TestPermissions:
         assert 200 == asked.status_code
         writes = [
             await client.post("/v1/documents", json={"title": "x"}, headers=viewer.headers),
-            await client.patch(url, json={"title": "x"}, headers=viewer.headers),
-            await client.delete(url, headers=viewer.headers),
+            await client.patch(url, json={"title": "x"}, headers=viewer.headers | IF_V1),
+            await client.delete(url, headers=viewer.headers | IF_V1),
         ]
         assert [(403, PROBLEM, "FORBIDDEN")] * 3 == [problem(r) for r in writes]
         assert doc == (await client.get(url, headers=workspace.owner.headers)).json()
@@ -84,8 +86,10 @@ class TestPermissions:
         writer = await add_member(workspace, role)
         created = await client.post("/v1/documents", json={"title": "m"}, headers=writer.headers)
         url = created.headers["location"]
-        patched = await client.patch(url, json={"body": "b"}, headers=writer.headers)
-        deleted = await client.delete(url, headers=writer.headers)
+        etag = {"If-Match": created.headers["etag"]}
+        patched = await client.patch(url, json={"body": "b"}, headers=writer.headers | etag)
+        etag = {"If-Match": patched.headers["etag"]}
+        deleted = await client.delete(url, headers=writer.headers | etag)
         assert (201, 200, 204) == (created.status_code, patched.status_code, deleted.status_code)
         assert str(writer.user_id) == created.json()["created_by"]
 

@@ -11,70 +11,40 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, select
 
+from bastion._routes import route_entries
 from bastion.errors import ConfigurationError
-from bastion.ratelimit._routes import route_entries
 from bastion_docs.app import create_app
 from bastion_docs.models import Document, metadata
 
 PROBLEM = "application/problem+json"
 
-# Every code each operation can answer with. INTERNAL (500) and SERVICE_UNAVAILABLE (503)
-# are bastion's additions to every operation, INVALID_INPUT (422) to every one that
-# takes input.
-# Every operation can also answer 503 (shutting down, a dependency out) and 504 (its
-# deadline passed).
+# Every code each operation can answer with. INTERNAL (500), SERVICE_UNAVAILABLE (503),
+# REQUEST_TIMEOUT (504) and the request guards' codes are bastion's additions to every
+# operation: URI_TOO_LONG (414), HEADERS_TOO_LARGE (431), PAYLOAD_TOO_LARGE (413) and
+# UNSUPPORTED_MEDIA_TYPE (415) (a body is checked even where none is declared), and
+# INVALID_INPUT / INPUT_TOO_LONG (422, malformed or oversized input).
+EVERY = {
+    "UNAUTHENTICATED",
+    "FORBIDDEN",
+    "INVALID_INPUT",
+    "INPUT_TOO_LONG",
+    "INTERNAL",
+    "SERVICE_UNAVAILABLE",
+    "REQUEST_TIMEOUT",
+    "URI_TOO_LONG",
+    "HEADERS_TOO_LARGE",
+    "PAYLOAD_TOO_LARGE",
+    "UNSUPPORTED_MEDIA_TYPE",
+}
+PRECONDITIONS = {"PRECONDITION_REQUIRED", "PRECONDITION_FAILED"}
 EXPECTED_CODES = {
-    ("post", "/v1/assistant/ask"): {
-        "UNAUTHENTICATED",
-        "FORBIDDEN",
-        "INVALID_INPUT",
-        "INTERNAL",
-        "SERVICE_UNAVAILABLE",
-        "REQUEST_TIMEOUT",
-    },
-    ("post", "/v1/documents"): {
-        "UNAUTHENTICATED",
-        "FORBIDDEN",
-        "INVALID_INPUT",
-        "INTERNAL",
-        "SERVICE_UNAVAILABLE",
-        "REQUEST_TIMEOUT",
-    },
-    ("get", "/v1/documents"): {
-        "UNAUTHENTICATED",
-        "FORBIDDEN",
-        "INVALID_INPUT",
-        "INTERNAL",
-        "SERVICE_UNAVAILABLE",
-        "REQUEST_TIMEOUT",
-    },
-    ("get", "/v1/documents/{document_id}"): {
-        "UNAUTHENTICATED",
-        "FORBIDDEN",
-        "NOT_FOUND",
-        "INVALID_INPUT",
-        "INTERNAL",
-        "SERVICE_UNAVAILABLE",
-        "REQUEST_TIMEOUT",
-    },
-    ("patch", "/v1/documents/{document_id}"): {
-        "UNAUTHENTICATED",
-        "FORBIDDEN",
-        "NOT_FOUND",
-        "INVALID_INPUT",
-        "INTERNAL",
-        "SERVICE_UNAVAILABLE",
-        "REQUEST_TIMEOUT",
-    },
-    ("delete", "/v1/documents/{document_id}"): {
-        "UNAUTHENTICATED",
-        "FORBIDDEN",
-        "NOT_FOUND",
-        "INVALID_INPUT",
-        "INTERNAL",
-        "SERVICE_UNAVAILABLE",
-        "REQUEST_TIMEOUT",
-    },
+    ("post", "/v1/assistant/ask"): EVERY | {"PROMPT_INJECTION_DETECTED"},
+    # Idempotency-Key: a retry while the first runs (409), the key with another body (422).
+    ("post", "/v1/documents"): EVERY | {"CONFLICT", "IDEMPOTENCY_KEY_REUSED"},
+    ("get", "/v1/documents"): EVERY,
+    ("get", "/v1/documents/{document_id}"): EVERY | {"NOT_FOUND"},
+    ("patch", "/v1/documents/{document_id}"): EVERY | PRECONDITIONS | {"NOT_FOUND"},
+    ("delete", "/v1/documents/{document_id}"): EVERY | PRECONDITIONS | {"NOT_FOUND"},
 }
 
 

@@ -35,8 +35,10 @@ class TestWrites:
         owner = workspace.owner
         created = await create_document(owner, "Quarterly plan")
         path = f"/v1/documents/{created['id']}"
-        patched = await client.patch(path, json={"title": "Plan"}, headers=owner.headers)
-        deleted = await client.delete(path, headers=owner.headers)
+        patched = await client.patch(
+            path, json={"title": "Plan"}, headers=owner.headers | {"If-Match": '"v1"'}
+        )
+        deleted = await client.delete(path, headers=owner.headers | {"If-Match": '"v2"'})
 
         rows = await _recorded(app, resource_type="document", resource_id=created["id"])
 
@@ -90,7 +92,9 @@ class TestSyncMode:
         event.listen(Session, "before_commit", refuse)
         try:
             failed = await client.patch(
-                f"/v1/documents/{created['id']}", json={"title": "Final"}, headers=owner.headers
+                f"/v1/documents/{created['id']}",
+                json={"title": "Final"},
+                headers=owner.headers | {"If-Match": '"v1"'},
             )
         finally:
             event.remove(Session, "before_commit", refuse)

@@ -40,9 +40,9 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from bastion._routes import route_entries
 from bastion.audit._tables import entries
 from bastion.identity import Roles
-from bastion.ratelimit._routes import route_entries
 from bastion.testing import TestMember, create_member, member_token
 
 PASSWORD = "walk-the-tenants-1"
@@ -158,6 +158,7 @@ WALK: dict[tuple[str, str], Body] = {
     ("GET", "/health/ready"): None,
     ("GET", "/health/circuits"): None,
     ("GET", "/admin/migrations"): None,
+    ("GET", "/admin/deprecations"): None,
     ("POST", "/admin/ratelimit/unlock"): body(lambda w, t: {"identifier": t.owner_email}),
     ("GET", "/metrics"): None,
     # The audit trail: operators read every tenant's entries, a tenant admin only its own.
@@ -240,6 +241,13 @@ WALK: dict[tuple[str, str], Body] = {
 }
 """Every route of the app, by method and template, and the body a walked call sends."""
 
+HEADERS: dict[tuple[str, str], dict[str, str]] = {
+    # B's document is at version 1: even its right ETag finds nothing from tenant A.
+    ("PATCH", "/v1/documents/{document_id}"): {"If-Match": '"v1"'},
+    ("DELETE", "/v1/documents/{document_id}"): {"If-Match": '"v1"'},
+}
+"""Headers a walked call needs besides its credential (the writes' preconditions)."""
+
 HOLDS_A_SECRET = {("POST", "/v1/tenants/invitations/accept")}
 """Calls whose body is one of B's single-use tokens itself: 256 random bits only the
 invitee's mailbox holds. A valid token sent by the wrong account may be refused
@@ -284,6 +292,7 @@ async def call(walk: Walk, headers: dict, method: str, template: str, target: Ta
     url = template.format(**params)
     make = WALK[(method, template)]
     payload = None if make is None else await make(walk, target)
+    headers = headers | HEADERS.get((method, template), {})
     return await walk.outside.request(
         method, url, headers=headers, **({} if payload is None else {"json": payload})
     )

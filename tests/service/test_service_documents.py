@@ -6,6 +6,7 @@ import uuid
 from datetime import datetime
 
 PROBLEM = "application/problem+json"
+IF_V1 = {"If-Match": '"v1"'}
 
 
 def parse_time(value: str) -> datetime:
@@ -88,7 +89,9 @@ class TestUpdateDocument:
         ws = await new_workspace()
         created = await create_document(ws.owner, "Old", body="Body", tags=["a"])
         response = await client.patch(
-            f"/v1/documents/{created['id']}", json={"title": "New"}, headers=ws.owner.headers
+            f"/v1/documents/{created['id']}",
+            json={"title": "New"},
+            headers=ws.owner.headers | {"If-Match": '"v1"'},
         )
         patched = response.json()
         assert 200 == response.status_code
@@ -106,11 +109,15 @@ class TestUpdateDocument:
         ws = await new_workspace()
         created = await create_document(ws.owner)
         versions = [created["version"]]
+        etag = '"v1"'
         for patch in ({"body": "x"}, {"tags": ["t"]}, {"title": "T", "body": "y", "tags": []}):
             response = await client.patch(
-                f"/v1/documents/{created['id']}", json=patch, headers=ws.owner.headers
+                f"/v1/documents/{created['id']}",
+                json=patch,
+                headers=ws.owner.headers | {"If-Match": etag},
             )
             versions.append(response.json()["version"])
+            etag = response.headers["etag"]
         assert [1, 2, 3, 4] == versions
         read = await client.get(f"/v1/documents/{created['id']}", headers=ws.owner.headers)
         assert ("T", "y", [], 4) == tuple(
@@ -122,7 +129,7 @@ class TestUpdateDocument:
         ws = await new_workspace()
         created = await create_document(ws.owner)
         response = await client.patch(
-            f"/v1/documents/{created['id']}", json={}, headers=ws.owner.headers
+            f"/v1/documents/{created['id']}", json={}, headers=ws.owner.headers | IF_V1
         )
         body = response.json()
         assert (422, PROBLEM, "INVALID_INPUT") == (
@@ -139,7 +146,7 @@ class TestUpdateDocument:
         ws = await new_workspace()
         created = await create_document(ws.owner)
         response = await client.patch(
-            f"/v1/documents/{created['id']}", json={"tags": None}, headers=ws.owner.headers
+            f"/v1/documents/{created['id']}", json={"tags": None}, headers=ws.owner.headers | IF_V1
         )
         assert (422, ["body.tags"]) == (
             response.status_code,
@@ -147,10 +154,10 @@ class TestUpdateDocument:
         )
 
     async def test_unknown_document_is_not_found(self, client, new_workspace):
-        """Patching an id that names no document is 404."""
+        """Patching an id that names no document is 404, whatever ETag is sent."""
         ws = await new_workspace()
         response = await client.patch(
-            f"/v1/documents/{uuid.uuid4()}", json={"title": "x"}, headers=ws.owner.headers
+            f"/v1/documents/{uuid.uuid4()}", json={"title": "x"}, headers=ws.owner.headers | IF_V1
         )
         assert (404, "NOT_FOUND") == (response.status_code, response.json()["code"])
 
@@ -161,10 +168,10 @@ class TestDeleteDocument:
         ws = await new_workspace()
         created = await create_document(ws.owner)
         url = f"/v1/documents/{created['id']}"
-        deleted = await client.delete(url, headers=ws.owner.headers)
+        deleted = await client.delete(url, headers=ws.owner.headers | IF_V1)
         assert (204, b"") == (deleted.status_code, deleted.content)
         assert 404 == (await client.get(url, headers=ws.owner.headers)).status_code
-        assert 404 == (await client.delete(url, headers=ws.owner.headers)).status_code
+        assert 404 == (await client.delete(url, headers=ws.owner.headers | IF_V1)).status_code
         listed = await client.get("/v1/documents", headers=ws.owner.headers)
         assert (0, []) == (listed.json()["total"], listed.json()["items"])
 
@@ -217,14 +224,14 @@ class TestListDocuments:
         assert {k: v for k, v in created.items() if k != "body"} == item
 
     async def test_defaults_and_empty_list(self, client, new_workspace):
-        """Without parameters: page 1 of 20; an empty list has one (empty) page."""
+        """Without parameters: page 1 of 50; an empty list has one (empty) page."""
         ws = await new_workspace()
         page = (await client.get("/v1/documents", headers=ws.owner.headers)).json()
-        only = "/v1/documents?page=1&page_size=20"
+        only = "/v1/documents?page=1&page_size=50"
         assert {
             "items": [],
             "page": 1,
-            "page_size": 20,
+            "page_size": 50,
             "total": 0,
             "links": {"self": only, "first": only, "prev": None, "next": None, "last": only},
         } == page
@@ -244,10 +251,10 @@ class TestListDocuments:
         )
 
     async def test_page_size_bounds(self, client, new_workspace):
-        """page_size must be 1 to 100 and page at least 1, else 422 naming the parameter."""
+        """page_size must be 1 to 1000 and page at least 1, else 422 naming the parameter."""
         ws = await new_workspace()
         fields = []
-        for query in ("page_size=0", "page_size=101", "page=0", "page=x"):
+        for query in ("page_size=0", "page_size=1001", "page=0", "page=x"):
             response = await client.get(f"/v1/documents?{query}", headers=ws.owner.headers)
             assert 422 == response.status_code
             fields.append(response.json()["errors"][0]["field"])

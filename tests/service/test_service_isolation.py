@@ -17,8 +17,11 @@ class TestTenantIsolation:
         for intruder in (b.owner, await add_member(b, "admin")):
             attempts = [
                 await client.get(url, headers=intruder.headers),
-                await client.patch(url, json={"title": "pwned"}, headers=intruder.headers),
-                await client.delete(url, headers=intruder.headers),
+                # The right ETag changes nothing: another tenant's document does not exist here.
+                await client.patch(
+                    url, json={"title": "pwned"}, headers=intruder.headers | {"If-Match": '"v1"'}
+                ),
+                await client.delete(url, headers=intruder.headers | {"If-Match": "*"}),
             ]
             assert [(404, "NOT_FOUND")] * 3 == [(r.status_code, r.json()["code"]) for r in attempts]
         assert doc == (await client.get(url, headers=a.owner.headers)).json()
@@ -86,6 +89,8 @@ class TestTenantIsolation:
             target = data.draw(st.sampled_from(known))
             mine = owner_of.get(target) == actor
             url = f"/v1/documents/{target}"
+            # The version the model expects (a guess of 1 for another tenant's document).
+            headers = headers | {"If-Match": f'"v{version.get(target, 1)}"'}
             if action == "read":
                 response = await client.get(url, headers=headers)
             elif action == "patch":

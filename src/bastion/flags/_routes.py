@@ -84,6 +84,7 @@ from bastion.flags._document import (
 from bastion.flags._errors import FlagVersionMismatch
 from bastion.flags._evaluation import EvaluationContext
 from bastion.flags._model import Flag, Segment
+from bastion.guard import limits
 from bastion.identity import Principal, current_principal
 
 if TYPE_CHECKING:
@@ -112,6 +113,8 @@ BODY_MAX: Final = 1 << 20
 """Largest flag or segment document accepted (1 MiB): far beyond any real flag."""
 IMPORT_MAX: Final = 8 << 20
 """Largest import accepted (8 MiB): thousands of flags."""
+# The document's own nesting (flags, rules, constraints, variants) around a JSON value's 32.
+_DOCUMENT_DEPTH: Final = 64
 HISTORY_DEFAULT: Final = 50
 HISTORY_MAX: Final = 500
 _REALM: Final = "bastion-admin"
@@ -280,18 +283,18 @@ class FlagAdmin:
         features, segments = FEATURES_PREFIX, SEGMENTS_PREFIX
         return [
             self._route(features, self.list_flags),
-            self._route(features, self.create_flag, "POST"),
+            self._route(features, self.create_flag, "POST", body=BODY_MAX),
             self._route(f"{features}/export", self.export),
-            self._route(f"{features}/import", self.import_flags, "POST"),
+            self._route(f"{features}/import", self.import_flags, "POST", body=IMPORT_MAX),
             self._route(f"{features}/{{key}}", self.get_flag),
-            self._route(f"{features}/{{key}}", self.replace_flag, "PUT"),
+            self._route(f"{features}/{{key}}", self.replace_flag, "PUT", body=BODY_MAX),
             self._route(f"{features}/{{key}}", self.delete_flag, "DELETE"),
             self._route(f"{features}/{{key}}/toggle", self.toggle, "POST"),
             self._route(f"{features}/{{key}}/evaluate", self.evaluate, "POST"),
             self._route(f"{features}/{{key}}/history", self.history),
             self._route(segments, self.list_segments),
             self._route(f"{segments}/{{name}}", self.get_segment),
-            self._route(f"{segments}/{{name}}", self.put_segment, "PUT"),
+            self._route(f"{segments}/{{name}}", self.put_segment, "PUT", body=BODY_MAX),
             self._route(f"{segments}/{{name}}", self.delete_segment, "DELETE"),
         ]
 
@@ -555,7 +558,9 @@ class FlagAdmin:
             exc.detail, headers={"etag": etag}, extra={"current_version": exc.current_version}
         )
 
-    def _route(self, path: str, endpoint: Endpoint, method: str = "GET") -> Route:
+    def _route(
+        self, path: str, endpoint: Endpoint, method: str = "GET", *, body: int | None = None
+    ) -> Route:
         access = self._access
         route: Route
 
@@ -566,6 +571,12 @@ class FlagAdmin:
             access.require(request, subject="/admin", realm=_REALM)
             return await endpoint(request)
 
+        if body is not None:
+            # A flag document is bounded by its own limits (bytes, flags, rules, values),
+            # which say more than the request guards' defaults: a legitimate import of
+            # thousands of flags holds far more than 10,000 JSON values, and a flag's JSON
+            # value may itself nest 32 levels inside the document's own.
+            limits(body=body, json_max_depth=_DOCUMENT_DEPTH, json_max_elements=body)(serve)
         route = Route(path, serve, methods=[method], include_in_schema=False)
         return route
 

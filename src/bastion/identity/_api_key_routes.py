@@ -24,7 +24,15 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 
 from bastion.data.types import utc_now
-from bastion.errors import Conflict, FieldError, Forbidden, InvalidInput, NotFound
+from bastion.errors import (
+    Conflict,
+    ErrorCode,
+    FieldError,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    problem_responses,
+)
 from bastion.identity._api_key_store import (
     announce_revoked,
     record_from_row,
@@ -116,7 +124,12 @@ def api_keys_router() -> APIRouter:  # noqa: PLR0915 -- one closure per route, r
     router = APIRouter(prefix="/api-keys", tags=["api-keys"])
     no_store = {"cache-control": "no-store"}
 
-    @router.post("", status_code=status.HTTP_201_CREATED, response_model=ApiKeyCreated)
+    @router.post(
+        "",
+        status_code=status.HTTP_201_CREATED,
+        response_model=ApiKeyCreated,
+        responses=problem_responses(ErrorCode.CONFLICT),
+    )
     async def create(
         body: ApiKeyCreate,
         request: Request,
@@ -237,14 +250,21 @@ def api_keys_router() -> APIRouter:  # noqa: PLR0915 -- one closure per route, r
             raise NotFound("No such API key.")
         return row
 
-    @router.get("/{key_id}", response_model=ApiKeyOut)
+    @router.get(
+        "/{key_id}", response_model=ApiKeyOut, responses=problem_responses(ErrorCode.NOT_FOUND)
+    )
     async def read(
         key_id: uuid.UUID, request: Request, principal: _Manage, tenant: TenantId
     ) -> ApiKeyOut:
         """One of the tenant's keys."""
         return _out(record_from_row(await _find(_identity(request), tenant, key_id)))
 
-    @router.delete("/{key_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response)
+    @router.delete(
+        "/{key_id}",
+        status_code=status.HTTP_204_NO_CONTENT,
+        response_class=Response,
+        responses=problem_responses(ErrorCode.NOT_FOUND),
+    )
     async def revoke(
         key_id: uuid.UUID, request: Request, principal: _Manage, tenant: TenantId
     ) -> Response:

@@ -29,6 +29,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Final
 
 from bastion._forwarded import NetworkSet
+from bastion._routes import PathSet
 from bastion.context import current_context
 from bastion.errors import ServiceUnavailable, Unauthenticated
 from bastion.identity._api_keys import InvalidApiKey
@@ -87,7 +88,7 @@ class IdentityMiddleware:
         self.app = app
         self.identity = identity
         settings = identity.settings
-        self._skip = tuple(prefix for prefix in skip_prefixes if prefix)
+        self._skip = PathSet(skip_prefixes)
         self._api_key_header = settings.identity.api_keys.header.lower().encode("latin-1")
         self._api_key_prefix = (identity.api_keys.prefix + "_").encode("ascii")
         tenancy = settings.tenancy
@@ -120,7 +121,7 @@ class IdentityMiddleware:
             elif name == trusted_header:
                 tenant = value
         if (authorization is None and api_key is None and tenant is None) or (
-            self._skip and scope["path"].startswith(self._skip)
+            self._skip and self._skip.matches(scope["path"])
         ):
             await self.app(scope, receive, send)
             return

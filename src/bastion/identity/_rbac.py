@@ -23,9 +23,10 @@ import asyncio
 import contextvars
 import functools
 import inspect
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final, ParamSpec, TypeVar
 
+from bastion._routes import depends_on, flattened_routes
 from bastion.errors import ConfigurationError, Forbidden
 from bastion.identity._permission_cache import PermissionCache
 from bastion.identity._principal import Principal, authenticated, current_principal
@@ -360,7 +361,7 @@ def protected_operations(routes: Iterable[Any]) -> set[tuple[str, str]]:
     :func:`require` dependency appears anywhere in its dependency tree.
     """
     found: set[tuple[str, str]] = set()
-    for route in _flattened(routes):
+    for route in flattened_routes(routes):
         methods = getattr(route, "methods", None)
         path = getattr(route, "path", None)
         if not methods or path is None:
@@ -368,7 +369,7 @@ def protected_operations(routes: Iterable[Any]) -> set[tuple[str, str]]:
         guarded = hasattr(getattr(route, "endpoint", None), REQUIREMENT_ATTRIBUTE)
         dependant = getattr(route, "dependant", None)
         if not guarded and dependant is not None:
-            guarded = _guarded(dependant)
+            guarded = depends_on(dependant, lambda call: hasattr(call, REQUIREMENT_ATTRIBUTE))
         if guarded:
             found.update((method, path) for method in methods)
     return found
@@ -386,44 +387,18 @@ def authenticated_operations(
     """
     calls = {authenticated, *dependencies}
     found = protected_operations(routes)
-    for route in _flattened(routes):
+    for route in flattened_routes(routes):
         methods = getattr(route, "methods", None)
         path = getattr(route, "path", None)
         dependant = getattr(route, "dependant", None)
-        if methods and path is not None and dependant is not None and _calls(dependant, calls):
+        if (
+            methods
+            and path is not None
+            and dependant is not None
+            and depends_on(dependant, calls.__contains__)
+        ):
             found.update((method, path) for method in methods)
     return found
-
-
-def _calls(dependant: Any, calls: set[Callable[..., Any]]) -> bool:
-    stack = [dependant]
-    while stack:
-        node = stack.pop()
-        if getattr(node, "call", None) in calls:
-            return True
-        stack.extend(getattr(node, "dependencies", ()))
-    return False
-
-
-def _flattened(routes: Iterable[Any]) -> Iterator[Any]:
-    for route in routes:
-        contexts = getattr(route, "effective_route_contexts", None)
-        if callable(contexts):
-            # FastAPI >= 0.16x keeps an included router as one node; its contexts
-            # carry each route's full path, methods and dependencies.
-            yield from contexts()
-        else:
-            yield route
-
-
-def _guarded(dependant: Any) -> bool:
-    stack = [dependant]
-    while stack:
-        node = stack.pop()
-        if hasattr(getattr(node, "call", None), REQUIREMENT_ATTRIBUTE):
-            return True
-        stack.extend(getattr(node, "dependencies", ()))
-    return False
 
 
 def _validate(permission: str) -> None:

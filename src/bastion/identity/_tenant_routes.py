@@ -42,7 +42,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bastion.data.types import utc_now
-from bastion.errors import Conflict, FieldError, Forbidden, InvalidInput, NotFound
+from bastion.errors import (
+    Conflict,
+    ErrorCode,
+    FieldError,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    problem_responses,
+)
 from bastion.identity._accounts import RefreshTokens
 from bastion.identity._api_key_store import (
     RevokedApiKey,
@@ -478,7 +486,12 @@ def tenants_router() -> APIRouter:  # noqa: PLR0915 -- one closure per route, re
     # Leaving needs no permission, removing someone else does: checked in the route.
     manage_members = require("members:manage")
 
-    @router.post("", status_code=status.HTTP_201_CREATED, response_model=TenantOut)
+    @router.post(
+        "",
+        status_code=status.HTTP_201_CREATED,
+        response_model=TenantOut,
+        responses=problem_responses(ErrorCode.CONFLICT),
+    )
     async def create(body: TenantCreate, request: Request, principal: Authenticated) -> TenantOut:
         """Create a tenant; the caller becomes its owner."""
         identity = _identity(request)
@@ -507,7 +520,9 @@ def tenants_router() -> APIRouter:  # noqa: PLR0915 -- one closure per route, re
             found = await user_memberships(session, user_id)
         return [_tenant_out(each.tenant, each.role) for each in found]
 
-    @router.get("/{tenant_id}", response_model=TenantOut)
+    @router.get(
+        "/{tenant_id}", response_model=TenantOut, responses=problem_responses(ErrorCode.NOT_FOUND)
+    )
     async def read(
         tenant_id: uuid.UUID,
         request: Request,
@@ -524,7 +539,9 @@ def tenants_router() -> APIRouter:  # noqa: PLR0915 -- one closure per route, re
             raise NotFound("No such tenant.")
         return _tenant_out(record, role)
 
-    @router.patch("/{tenant_id}", response_model=TenantOut)
+    @router.patch(
+        "/{tenant_id}", response_model=TenantOut, responses=problem_responses(ErrorCode.NOT_FOUND)
+    )
     async def rename(
         tenant_id: uuid.UUID,
         body: TenantUpdate,
@@ -546,7 +563,11 @@ def tenants_router() -> APIRouter:  # noqa: PLR0915 -- one closure per route, re
         )
         return _tenant_out(record)
 
-    @router.get("/{tenant_id}/members", response_model=list[MemberOut])
+    @router.get(
+        "/{tenant_id}/members",
+        response_model=list[MemberOut],
+        responses=problem_responses(ErrorCode.NOT_FOUND),
+    )
     async def members(
         tenant_id: uuid.UUID,
         request: Request,
@@ -583,6 +604,9 @@ def tenants_router() -> APIRouter:  # noqa: PLR0915 -- one closure per route, re
         "/{tenant_id}/members/invitations",
         status_code=status.HTTP_201_CREATED,
         response_model=InvitationOut,
+        responses=problem_responses(
+            ErrorCode.NOT_FOUND, ErrorCode.CONFLICT, ErrorCode.QUOTA_EXCEEDED
+        ),
     )
     async def invite(
         tenant_id: uuid.UUID,
@@ -677,7 +701,11 @@ def tenants_router() -> APIRouter:  # noqa: PLR0915 -- one closure per route, re
             expires_at=record.expires_at,
         )
 
-    @router.get("/{tenant_id}/members/invitations", response_model=list[InvitationOut])
+    @router.get(
+        "/{tenant_id}/members/invitations",
+        response_model=list[InvitationOut],
+        responses=problem_responses(ErrorCode.NOT_FOUND),
+    )
     async def invitations(
         tenant_id: uuid.UUID,
         request: Request,
@@ -714,6 +742,7 @@ def tenants_router() -> APIRouter:  # noqa: PLR0915 -- one closure per route, re
         "/{tenant_id}/members/invitations/{invitation_id}",
         status_code=status.HTTP_204_NO_CONTENT,
         response_class=Response,
+        responses=problem_responses(ErrorCode.NOT_FOUND),
     )
     async def revoke_invitation(
         tenant_id: uuid.UUID,
@@ -738,7 +767,13 @@ def tenants_router() -> APIRouter:  # noqa: PLR0915 -- one closure per route, re
         await emit_security_event(SecurityEventKind.INVITATION_REVOKED, subject=str(invitation_id))
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
-    @router.post("/invitations/accept", response_model=TenantOut)
+    @router.post(
+        "/invitations/accept",
+        response_model=TenantOut,
+        responses=problem_responses(
+            ErrorCode.FORBIDDEN, ErrorCode.CONFLICT, ErrorCode.QUOTA_EXCEEDED
+        ),
+    )
     async def accept(
         body: InvitationAccept, request: Request, principal: Authenticated
     ) -> TenantOut:
@@ -792,7 +827,11 @@ def tenants_router() -> APIRouter:  # noqa: PLR0915 -- one closure per route, re
             raise InvalidOneTimeToken
         return _tenant_out(tenant, result.role)
 
-    @router.patch("/{tenant_id}/members/{user_id}", response_model=MemberOut)
+    @router.patch(
+        "/{tenant_id}/members/{user_id}",
+        response_model=MemberOut,
+        responses=problem_responses(ErrorCode.NOT_FOUND, ErrorCode.CONFLICT),
+    )
     async def change_role(
         tenant_id: uuid.UUID,
         user_id: uuid.UUID,
@@ -865,6 +904,7 @@ def tenants_router() -> APIRouter:  # noqa: PLR0915 -- one closure per route, re
         "/{tenant_id}/members/{user_id}",
         status_code=status.HTTP_204_NO_CONTENT,
         response_class=Response,
+        responses=problem_responses(ErrorCode.NOT_FOUND, ErrorCode.CONFLICT, ErrorCode.FORBIDDEN),
     )
     async def remove(
         tenant_id: uuid.UUID, user_id: uuid.UUID, request: Request, principal: Authenticated
@@ -919,7 +959,11 @@ def tenants_router() -> APIRouter:  # noqa: PLR0915 -- one closure per route, re
         )
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
-    @router.get("/{tenant_id}/usage", response_model=TenantUsageOut)
+    @router.get(
+        "/{tenant_id}/usage",
+        response_model=TenantUsageOut,
+        responses=problem_responses(ErrorCode.NOT_FOUND),
+    )
     async def usage(
         tenant_id: uuid.UUID,
         request: Request,

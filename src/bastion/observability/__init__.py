@@ -4,7 +4,11 @@ The metric objects themselves are in :mod:`bastion.observability.metrics`.
 """
 
 from bastion.observability._client_spans import TracingTransport, instrument_httpx, instrument_redis
-from bastion.observability._handlers import install_exception_handlers, problem_response
+from bastion.observability._handlers import (
+    install_exception_handlers,
+    problem_response,
+    send_problem,
+)
 from bastion.observability._health import HealthCheck, HealthRegistry
 from bastion.observability._http_metrics import HttpMetrics
 from bastion.observability._logging import AccessLogger, LogMasker, configure_logging
@@ -38,4 +42,5 @@ __all__ = [
     "instrument_redis",
     "problem_response",
     "producer_span",
+    "send_problem",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Final
 
 import structlog
 from sqlalchemy.exc import DBAPIError
@@ -13,6 +13,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from bastion.context import current_context
 from bastion.errors import (
@@ -25,7 +26,7 @@ from bastion.errors import (
     render_problem,
 )
 
-__all__ = ["install_exception_handlers", "problem_response"]
+__all__ = ["install_exception_handlers", "problem_response", "send_problem"]
 
 logger = structlog.get_logger("bastion.request")
 
@@ -45,6 +46,17 @@ def problem_response(
     """Return a ``application/problem+json`` response for ``body``."""
     return Response(
         render_problem(body), status_code=status, headers=headers, media_type=PROBLEM_CONTENT_TYPE
+    )
+
+
+async def send_problem(error: BastionError, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer a request with ``error`` from a middleware, outside the app's exception handlers.
+
+    The body is what the handlers would have rendered: the problem with the request's
+    correlation id, the error's status and headers.
+    """
+    await problem_response(error.problem(_correlation_id()), error.status, error.headers)(
+        scope, receive, send
     )
 
 
@@ -70,21 +82,40 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return problem_response(body, exc.status_code, exc.headers)
 
 
+# Pydantic's error types for a value over its bounds, and the context key holding the bound.
+_TOO_LONG: Final = {
+    "string_too_long": "max_length",
+    "too_long": "max_length",
+    "bytes_too_long": "max_length",
+}
+
+
 def _field_errors(errors: Any) -> list[FieldError]:
     # Pydantic's own error dicts carry the offending input; it is dropped here on
     # purpose, since it may be a password or personal data.
     result = []
     for error in errors:
         location = ".".join(str(part) for part in error.get("loc", ())) or "body"
-        result.append(FieldError(location, str(error.get("type", "invalid")), str(error["msg"])))
+        kind = str(error.get("type", "invalid"))
+        limit = None
+        context = error.get("ctx") or {}
+        bound = _TOO_LONG.get(kind)
+        if bound is not None and isinstance(context.get(bound), int):
+            limit = context[bound]
+        elif isinstance(context.get("limit"), int):
+            # bastion.guard's own bounded types put their bound under ``limit``.
+            limit = context["limit"]
+        result.append(FieldError(location, kind, str(error["msg"]), limit))
     return result
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
     errors = _field_errors(getattr(exc, "errors", list)())
-    body = problem_body(
-        ErrorCode.INVALID_INPUT, "The request did not pass validation.", _correlation_id()
-    )
+    # Too long and nothing else wrong: the client's fix is to shorten, which a
+    # distinct code tells it without parsing the list.
+    too_long = bool(errors) and all(error.limit is not None for error in errors)
+    code = ErrorCode.INPUT_TOO_LONG if too_long else ErrorCode.INVALID_INPUT
+    body = problem_body(code, "The request did not pass validation.", _correlation_id())
     body["errors"] = [error.as_dict() for error in errors]
     return problem_response(body, 422)
 

@@ -62,12 +62,23 @@ __all__ = [
     "FLAGS_REFRESH",
     "FLAGS_REGEX_TIMEOUTS",
     "FLAGS_REVISION",
+    "GUARD_PROMPT_HOOK_FAILURES",
+    "GUARD_PROMPT_SCREENINGS",
+    "GUARD_PROMPT_SCREENING_DURATION",
+    "GUARD_REJECTIONS",
     "HEALTH_CHECK_UP",
     "HTTP_ACTIVE_REQUESTS",
+    "HTTP_CORS_PREFLIGHTS",
+    "HTTP_CSRF_REJECTIONS",
     "HTTP_DEADLINE_EXCEEDED",
+    "HTTP_DEPRECATED_REQUESTS",
+    "HTTP_DEPRECATION_USAGE_DROPPED",
+    "HTTP_DEPRECATION_USAGE_FLUSH_FAILURES",
+    "HTTP_IDEMPOTENCY_REQUESTS",
     "HTTP_REQUEST_BODY_SIZE",
     "HTTP_REQUEST_DURATION",
     "HTTP_RESPONSE_BODY_SIZE",
+    "HTTP_SUNSET_REQUESTS",
     "HTTP_TENANT_REQUEST_DURATION",
     "IDENTITY_DENY_LIST_CHECKS",
     "IDENTITY_MAIL_MESSAGES",
@@ -503,4 +514,79 @@ FLAGS_REGEX_TIMEOUTS: Final = Counter(
     "bastion_flags_regex_timeouts_total",
     "Regular-expression constraints that hit flags.regex_timeout; that evaluation served the"
     " flag's default with reason ERROR. Added at every poll, like the evaluations.",
+)
+
+# Input guard.
+GUARD_REJECTIONS: Final = Counter(
+    "bastion_guard_rejections",
+    "Requests the input guard refused before the app saw them, by reason.",
+    ["reason"],
+)
+
+# API conventions: deprecation.
+HTTP_DEPRECATED_REQUESTS: Final = Counter(
+    "bastion_http_deprecated_requests_total",
+    "Requests served by deprecated routes, by route template and method.",
+    ["http_route", "http_request_method"],
+)
+
+HTTP_SUNSET_REQUESTS: Final = Counter(
+    "bastion_http_sunset_requests_total",
+    "Requests refused with 410 VERSION_SUNSET, by route template (or deprecated prefix)"
+    " and method.",
+    ["http_route", "http_request_method"],
+)
+
+HTTP_DEPRECATION_USAGE_FLUSH_FAILURES: Final = Counter(
+    "bastion_http_deprecation_usage_flush_failures_total",
+    "Flushes of deprecated-route usage to the shared store that failed (kept for the next).",
+)
+
+HTTP_DEPRECATION_USAGE_DROPPED: Final = Counter(
+    "bastion_http_deprecation_usage_dropped_total",
+    "Deprecated-route calls not counted per client: the in-process batch was full.",
+)
+
+# API conventions: idempotency keys.
+HTTP_IDEMPOTENCY_REQUESTS: Final = Counter(
+    "bastion_http_idempotency_requests_total",
+    "Requests carrying an Idempotency-Key to an idempotent route, by outcome: executed "
+    "(response stored), replayed, reused (422), in_progress (409), released (executed, "
+    "not stored), store_error (503, or the response could not be stored).",
+    ["outcome"],
+)
+
+# API conventions: CORS and CSRF.
+HTTP_CORS_PREFLIGHTS: Final = Counter(
+    "bastion_http_cors_preflights_total",
+    "CORS preflights answered, by outcome (allowed, origin_refused, method_refused,"
+    " headers_refused).",
+    ["outcome"],
+)
+
+HTTP_CSRF_REJECTIONS: Final = Counter(
+    "bastion_http_csrf_rejections_total",
+    "Cookie-authenticated unsafe requests refused by the CSRF check, by reason"
+    " (origin_missing, origin_mismatch, token_missing, token_mismatch).",
+    ["reason"],
+)
+
+# Input guard: prompt-injection screening.
+GUARD_PROMPT_SCREENINGS: Final = Counter(
+    "bastion_guard_prompt_screenings_total",
+    "Texts screened for prompt injection, by outcome (passed, refused, error).",
+    ["outcome"],
+)
+
+GUARD_PROMPT_SCREENING_DURATION: Final = Histogram(
+    "bastion_guard_prompt_screening_seconds",
+    "Time to screen one text (or list of texts) for prompt injection.",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
+)
+
+GUARD_PROMPT_HOOK_FAILURES: Final = Counter(
+    "bastion_guard_prompt_hook_failures_total",
+    "Calls to the operator's prompt-injection model that failed (error, timeout, bad_score);"
+    " the built-in layers decided alone.",
+    ["reason"],
 )

@@ -21,9 +21,11 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import StatusCode
+from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from bastion._routes import PathSet
 from bastion.context import RequestContext, bind, is_valid_request_id, new_request_id, unbind
 from bastion.errors import (
     PROBLEM_CONTENT_TYPE,
@@ -139,7 +141,7 @@ class RequestMiddleware:
         self.probes = dict(probes or {})
         self.lifecycle = lifecycle
         self.access_log = access_log
-        self.operational_prefixes = operational_prefixes
+        self.operational_prefixes = PathSet(operational_prefixes)
         self.tracing = tracing
         self.trace_operational = tracing is not None and tracing.trace_operational
         self.metrics = metrics
@@ -155,7 +157,7 @@ class RequestMiddleware:
         started = time.perf_counter_ns()
         tracing = self.tracing
         path = scope["path"]
-        operational = path.startswith(self.operational_prefixes)
+        operational = self.operational_prefixes.matches(path)
         if operational and not self.trace_operational:
             tracing = None
         # Kept ids are echoed as the bytes they came in as: no decode/encode round trip.
@@ -316,6 +318,12 @@ class RequestMiddleware:
                             send, request_id_header, request_id, ErrorCode.SERVICE_UNAVAILABLE
                         )
                 raise
+            elif isinstance(exc, ClientDisconnect) and not response_started:
+                # The client hung up while the app read its body: nobody is left to
+                # answer, and it is the client's doing, not a bug to page anyone about.
+                # Recorded as nginx's 499 so dashboards can tell it from a 4xx sent.
+                status = _CLIENT_CLOSED_REQUEST
+                logger.info("client disconnected before the request was read", method=method)
             elif isinstance(exc, Exception):
                 failure = exc
                 logger.exception("unhandled error", method=method)
@@ -479,6 +487,8 @@ def _mounted_template(scope: Scope, route: BaseRoute, root_path: str) -> str | N
 
 
 _MISSING: Final = object()
+# nginx's status for a request its client closed before the answer; never sent.
+_CLIENT_CLOSED_REQUEST: Final = 499
 
 
 async def _send_problem(

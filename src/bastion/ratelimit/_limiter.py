@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 
 from bastion._forwarded import NetworkSet
+from bastion._routes import ANY_METHOD, PathSet, RouteEntry, RouteTable, route_entries
 from bastion.errors import ConfigurationError, FieldError, InvalidInput
 from bastion.ratelimit._decorator import MARK, RouteLimit
 from bastion.ratelimit._errors import LimitsUnavailable, RateLimited
@@ -25,10 +26,10 @@ from bastion.ratelimit._policy import (
     EXEMPT,
     UNMATCHED_ROUTE,
     Policy,
+    RoutePlan,
     build_policy,
     check_policy_name,
 )
-from bastion.ratelimit._routes import ANY_METHOD, RouteEntry, RoutePlan, RouteTable, route_entries
 from bastion.ratelimit._rules import build_rules
 from bastion.ratelimit._store import LimitStore, StoreUnavailable, Verdict
 from bastion.resilience import Degradation
@@ -92,7 +93,7 @@ class RateLimiter:
         self.login = login
         # The memory store decides synchronously: no coroutine, no await per request.
         self.decide_now: Any = getattr(store, "decide_now", None)
-        self.operational_prefixes = tuple(p for p in operational_prefixes if p)
+        self.operational_prefixes = PathSet(operational_prefixes)
         headers = settings.headers
         self.policies: dict[str, Policy] = {
             name: build_policy(
@@ -123,8 +124,8 @@ class RateLimiter:
         self._exempt = NetworkSet(settings.exempt_networks, cache_max=_EXEMPT_CACHE_MAX)
         self.exempt_networks = self._exempt.networks
         self.degradation = Degradation("redis", feature="rate limits")
-        self.table: RouteTable | None = None
-        self.templates: RouteTable | None = None
+        self.table: RouteTable[RoutePlan] | None = None
+        self.templates: RouteTable[RoutePlan] | None = None
         self.routes: Sequence[BaseRoute] | None = None
         self.route_count = -1
         self._inline: dict[RouteLimit, Policy] = {}

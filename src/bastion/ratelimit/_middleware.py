@@ -3,7 +3,7 @@
 Pure ASGI, inside the request middleware (the request context, with the client
 address and the identity, exists already) and in front of the router. Per
 request: the operational paths and exempt networks pass untouched; the route's
-plan comes from the limiter's table (:mod:`bastion.ratelimit._routes`); one
+plan comes from the limiter's table (:mod:`bastion._routes`); one
 decision checks all of the policy's limits (one Redis round trip, or a
 synchronous call into the memory store); an admitted response gets the
 rate-limit headers added to its start, a rejected one is answered here as the
@@ -20,9 +20,10 @@ from typing import Any, Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from bastion._routes import name_route
 from bastion.context import current_context
 from bastion.errors import BastionError
-from bastion.observability import problem_response
+from bastion.observability import send_problem
 from bastion.ratelimit._errors import LimitsUnavailable, QuotaExceeded, RateLimited
 from bastion.ratelimit._limiter import RateLimiter
 from bastion.ratelimit._policy import client_bucket
@@ -53,7 +54,7 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        if limiter.operational_prefixes and path.startswith(limiter.operational_prefixes):
+        if limiter.operational_prefixes and limiter.operational_prefixes.matches(path):
             await self.app(scope, receive, send)
             return
         routes = limiter.routes
@@ -120,14 +121,14 @@ class RateLimitMiddleware:
             try:
                 limiter.unavailable(policy, exc)
             except LimitsUnavailable as error:
-                _name_route(scope, limiter.template(method, path))
-                await _answer(error, scope, receive, send)
+                name_route(scope, limiter.template(method, path))
+                await send_problem(error, scope, receive, send)
                 return
             await self.app(scope, receive, send)
             return
         except _Refused as refused:
-            _name_route(scope, limiter.template(method, path))
-            await _answer(refused.error, scope, receive, send)
+            name_route(scope, limiter.template(method, path))
+            await send_problem(refused.error, scope, receive, send)
             return
         limiter.degradation.recovered()
         headers = policy.headers
@@ -137,8 +138,8 @@ class RateLimitMiddleware:
                 with contextlib.suppress(BastionError):
                     await tenants.quotas.refund(quota)
             policy.rejected()
-            _name_route(scope, limiter.template(method, path))
-            await _answer(
+            name_route(scope, limiter.template(method, path))
+            await send_problem(
                 RateLimited(
                     verdict.retry_after,
                     headers=headers.mapping(verdict) if headers is not None else None,
@@ -220,33 +221,7 @@ async def _metered(
     try:
         await _consume(counters, limiter)
     except _Refused as refused:
-        _name_route(scope, template)
-        await _answer(refused.error, scope, receive, send)
+        name_route(scope, template)
+        await send_problem(refused.error, scope, receive, send)
         return False
     return True
-
-
-class _Named:
-    """Stands in for the route in ``scope["route"]`` of an answer made before routing."""
-
-    __slots__ = ("path",)
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-
-def _name_route(scope: Scope, template: str | None) -> None:
-    # The request middleware labels metrics, the access line and the span by
-    # scope["route"].path; the router, which sets it, never ran for this request.
-    if template is not None and "route" not in scope:
-        scope["route"] = _Named(template)
-
-
-async def _answer(error: BastionError, scope: Scope, receive: Receive, send: Send) -> None:
-    context = current_context()
-    response = problem_response(
-        error.problem(context.request_id if context is not None else None),
-        error.status,
-        error.headers,
-    )
-    await response(scope, receive, send)

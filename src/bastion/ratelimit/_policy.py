@@ -25,6 +25,7 @@ import functools
 import ipaddress
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from bastion.context import RequestContext
@@ -43,6 +44,7 @@ __all__ = [
     "EXEMPT",
     "KEY_PARTS",
     "Policy",
+    "RoutePlan",
     "build_policy",
     "check_policy_name",
     "client_bucket",
@@ -297,3 +299,18 @@ def _part(part: str, context: RequestContext | None, bucket: str, route: str) ->
         tag = "k:"
     # A part the request lacks falls back to the IP: anonymous callers never share a bucket.
     return tag + value if value else "ip:" + bucket
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePlan:
+    """What the limiter does with requests to one route and method.
+
+    Attributes:
+        policy: the policy to apply, or ``None`` when the route is not limited.
+        route: ``METHOD template``, for policies counted per route.
+        template: the route's template, or ``None`` when no route matches.
+    """
+
+    policy: Policy | None
+    route: str
+    template: str | None = None

@@ -1,9 +1,9 @@
 """Which route a request will reach, known before the router runs: a table built at start-up.
 
-Rate limiting sits in the middleware stack, in front of the router, yet a
-route's policy depends on the route. Asking the router (every route's regex in
-turn) would cost each request what routing costs; instead the app's routes are
-read once, at start-up, into one table per HTTP method:
+Rate limiting, request guards, idempotency and versioning sit in the middleware
+stack, in front of the router, yet what they do depends on the route. Asking the
+router (every route's regex in turn) would cost each request what routing
+costs; instead the app's routes are read once, at start-up, into one table per HTTP method:
 
 - an exact dict for the static paths (``/v1/documents``), each entry holding
   the route the router would pick for that path: the first route, in
@@ -24,33 +24,29 @@ routes get the default policy.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 from starlette.routing import BaseRoute, Host, Mount, WebSocketRoute, compile_path
+from starlette.types import Scope
 
-from bastion.ratelimit._policy import Policy
+__all__ = [
+    "ANY_METHOD",
+    "RouteEntry",
+    "RouteTable",
+    "depends_on",
+    "flattened_routes",
+    "mark_endpoint",
+    "name_route",
+    "route_entries",
+]
 
-__all__ = ["RouteEntry", "RoutePlan", "RouteTable", "route_entries"]
+Plan = TypeVar("Plan")
+E = TypeVar("E")
 
 ANY_METHOD: Final = "*"
 _NAMED_GROUP: Final = re.compile(r"\(\?P<[A-Za-z_][A-Za-z0-9_]*>")
-
-
-@dataclass(frozen=True, slots=True)
-class RoutePlan:
-    """What the limiter does with requests to one route and method.
-
-    Attributes:
-        policy: the policy to apply, or ``None`` when the route is not limited.
-        route: ``METHOD template``, for policies counted per route.
-        template: the route's template, or ``None`` when no route matches.
-    """
-
-    policy: Policy | None
-    route: str
-    template: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,15 +143,15 @@ def _mount_entries(mount: Mount, prefix: str, prefix_pattern: str) -> Iterator[R
     yield RouteEntry(None, None, whole, None, None)
 
 
-class _MethodTable:
+class _MethodTable(Generic[Plan]):
     __slots__ = ("every", "pattern", "plans", "static")
 
     def __init__(
         self,
-        static: dict[str, RoutePlan],
+        static: dict[str, Plan],
         pattern: re.Pattern[str] | None,
-        plans: list[RoutePlan],
-        every: list[tuple[re.Pattern[str], RoutePlan]],
+        plans: list[Plan],
+        every: list[tuple[re.Pattern[str], Plan]],
     ) -> None:
         self.static = static
         self.pattern = pattern
@@ -163,7 +159,7 @@ class _MethodTable:
         self.every = every
 
 
-class RouteTable:
+class RouteTable(Generic[Plan]):
     """Resolves ``(method, path)`` to the plan of the route the router would pick.
 
     Args:
@@ -178,8 +174,8 @@ class RouteTable:
     def __init__(
         self,
         entries: Sequence[RouteEntry],
-        plan: Callable[[RouteEntry, str], RoutePlan],
-        unmatched: RoutePlan,
+        plan: Callable[[RouteEntry, str], Plan],
+        unmatched: Plan,
         methods: Sequence[str] = (),
     ) -> None:
         self.unmatched = unmatched
@@ -194,9 +190,9 @@ class RouteTable:
     def _table(
         entries: Sequence[RouteEntry],
         method: str,
-        plan: Callable[[RouteEntry, str], RoutePlan],
-        unmatched: RoutePlan,
-    ) -> _MethodTable:
+        plan: Callable[[RouteEntry, str], Plan],
+        unmatched: Plan,
+    ) -> _MethodTable[Plan]:
         accepting = [
             entry
             for entry in entries
@@ -206,7 +202,7 @@ class RouteTable:
             unmatched if entry.template is None else plan(entry, method) for entry in accepting
         ]
         compiled = [re.compile(entry.pattern) for entry in accepting]
-        static: dict[str, RoutePlan] = {}
+        static: dict[str, Plan] = {}
         for entry in accepting:
             path = entry.template
             if not entry.static or path is None or path in static:
@@ -227,7 +223,7 @@ class RouteTable:
         every = [(re.compile(f"^{regex.pattern}$"), plans[i]) for i, regex in enumerate(compiled)]
         return _MethodTable(static, pattern, [plans[index] for index in dynamic], every)
 
-    def resolve(self, method: str, path: str) -> RoutePlan:
+    def resolve(self, method: str, path: str) -> Plan:
         """Return the plan of the route a request for ``method`` and ``path`` reaches."""
         table = self._tables.get(method, self._any)
         if path.endswith("\n"):
@@ -245,3 +241,113 @@ class RouteTable:
         if match is None:
             return self.unmatched
         return table.plans[match.lastindex - 1]  # type: ignore[operator]  # a group matched
+
+
+class _Named:
+    """Stands in for the route in ``scope["route"]`` of an answer made before routing."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+def name_route(scope: Scope, template: str | None) -> None:
+    """Label an answer a middleware makes before routing with its route's template.
+
+    The request middleware labels metrics, the access line and the span by
+    ``scope["route"].path``; the router, which sets it, never ran for this request.
+    """
+    if template is not None and "route" not in scope:
+        scope["route"] = _Named(template)
+
+
+class PathSet:
+    """Paths a layer leaves alone, matched by path segment, not by string prefix.
+
+    An entry ending in ``/`` covers what lies below it; any other entry is the path
+    itself and what lies below it, never a longer name. So ``/metrics`` covers
+    ``/metrics`` and ``/metrics/x`` but not an app's ``/metrics-exports``, which a
+    plain ``startswith`` would exempt from every layer.
+    """
+
+    __slots__ = ("below", "exact")
+
+    def __init__(self, entries: Sequence[str]) -> None:
+        below: list[str] = []
+        exact: set[str] = set()
+        for entry in entries:
+            if not entry:
+                continue
+            if entry.endswith("/"):
+                below.append(entry)
+            else:
+                exact.add(entry)
+                below.append(entry + "/")
+        self.below = tuple(below)
+        self.exact = frozenset(exact)
+
+    def __bool__(self) -> bool:
+        return bool(self.below)
+
+    def matches(self, path: str) -> bool:
+        """Whether ``path`` is one of the set's paths or lies below one."""
+        return path.startswith(self.below) or path in self.exact
+
+
+def flattened_routes(routes: Iterable[Any]) -> Iterator[Any]:
+    """Yield ``routes`` with each included router replaced by its routes' contexts.
+
+    For reading an app's operations (``methods``, ``path``, ``dependant``,
+    ``endpoint``) when completing its OpenAPI document.
+    """
+    for route in routes:
+        contexts = getattr(route, "effective_route_contexts", None)
+        if callable(contexts):
+            # FastAPI >= 0.16x keeps an included router as one node; its contexts
+            # carry each route's full path, methods and dependencies.
+            yield from contexts()
+        else:
+            yield route
+
+
+def depends_on(dependant: Any, matches: Callable[[Any], bool]) -> bool:
+    """Whether any node of a FastAPI dependency tree has a ``call`` that ``matches``.
+
+    Args:
+        dependant: the route's ``dependant`` (the root of its dependency tree).
+        matches: tests a node's ``call`` (``None`` for a node without one).
+    """
+    stack = [dependant]
+    while stack:
+        node = stack.pop()
+        if matches(getattr(node, "call", None)):
+            return True
+        stack.extend(getattr(node, "dependencies", ()))
+    return False
+
+
+def mark_endpoint(decorator: str, name: str, value: object) -> Callable[[E], E]:
+    """Return a decorator setting attribute ``name`` to ``value`` on an endpoint.
+
+    Route tables read the mark from the endpoint at start-up (:attr:`RouteEntry.endpoint`).
+
+    Args:
+        decorator: the public decorator's name, for the error (``"idempotent"``).
+        name: the attribute holding the mark.
+        value: the mark.
+
+    Raises:
+        TypeError: (from the returned decorator) the endpoint takes no attributes.
+    """
+
+    def decorate(endpoint: E) -> E:
+        try:
+            setattr(endpoint, name, value)
+        except (AttributeError, TypeError):
+            raise TypeError(
+                f"@{decorator} decorates endpoint functions or classes, not {endpoint!r}"
+            ) from None
+        return endpoint
+
+    return decorate

@@ -187,7 +187,12 @@ def install(app: Starlette, *, settings: Settings | None = None, **overrides: An
     ``/v1/api-keys`` and JWKS routes; and the audit trail: every security event,
     migration and lockout unlock recorded, and ``/admin/audit`` to read it; and
     feature flags: stored in the database, evaluated in process, kept current on
-    every instance, with ``/admin/features`` and ``GET /api/features``.
+    every instance, with ``/admin/features`` and ``GET /api/features``. Every
+    request also passes the API conventions (security headers, CORS, CSRF on
+    cookie-authenticated writes, deprecation headers and 410 after sunset) and the
+    request guards (body size, media type, JSON shape, encoding, header and query
+    size); routes marked ``@idempotent`` honour ``Idempotency-Key``; and
+    ``runtime.guard`` screens text bound for an LLM for prompt injection.
 
     Example:
         >>> app = FastAPI()

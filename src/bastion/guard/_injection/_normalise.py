@@ -17,6 +17,7 @@ import codecs
 import html
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import unquote
@@ -245,6 +246,44 @@ def _hex(run: str) -> str | None:
     return _printable(raw)
 
 
+ESCAPE_CONTEXT: Final = 200
+"""Characters of context decoded with a percent-escape or an HTML entity, on each side."""
+MAX_PIECES: Final = 8
+"""More separate escaped pieces than this, and the whole text is decoded as one layer."""
+
+
+def _escaped_pieces(text: str, pattern: re.Pattern[str], limit: int) -> list[str]:
+    """The parts of ``text`` around its escapes, each with its context, to decode.
+
+    Percent-escapes and entities change a text only where they are, so the
+    neighbourhood of each (merged when they meet) is what a rescan must read: a
+    page of HTML with one ``&amp;`` costs a rescan of 400 characters, not of the
+    page. Text that is escaped throughout (or in many places) is one piece, whole
+    (its first ``limit`` characters: decoding is bounded).
+    """
+    spans: list[tuple[int, int]] = []
+    size = min(len(text), limit)
+    for escape in pattern.finditer(text, 0, size):
+        low = max(0, escape.start() - ESCAPE_CONTEXT)
+        high = min(size, escape.end() + ESCAPE_CONTEXT)
+        if spans and low <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], high)
+        elif len(spans) == MAX_PIECES:
+            return [text[:size]]
+        else:
+            spans.append((low, high))
+    if sum(high - low for low, high in spans) * 2 > size:
+        return [text[:size]]
+    return [text[low:high] for low, high in spans]
+
+
+_ESCAPES: Final[tuple[tuple[str, re.Pattern[str], Callable[[str], str], int, int], ...]] = (
+    # kind, escape, decoder, most characters one decoded character takes, fewest escapes
+    ("percent", _PERCENT, unquote, 3, MIN_ESCAPES),
+    ("entities", _ENTITY, html.unescape, 8, 1),
+)
+
+
 def _layers_of(
     text: str, depth: int, budget: list[int], lowered: str | None = None, *, long_runs: bool = True
 ) -> list[DecodedLayer]:
@@ -273,12 +312,13 @@ def _layers_of(
             if runs >= MAX_RUNS or budget[0] <= 0:
                 break
             take("hex", _hex(match.group()[: budget[0] * 4 + 4]))
-    if budget[0] > 0 and len(_PERCENT.findall(text, 0, budget[0] * 3)) >= MIN_ESCAPES:
-        take("percent", unquote(text[: budget[0] * 3]))
-    if budget[0] > 0 and _ENTITY.search(text) is not None:
-        decoded = html.unescape(text[: budget[0] * 8])
-        if decoded != text:
-            take("entities", decoded)
+    for kind, pattern, unescape, width, least in _ESCAPES:
+        limit = budget[0] * width
+        if limit > 0 and len(pattern.findall(text, 0, limit)) >= least:
+            for piece in _escaped_pieces(text, pattern, limit):
+                decoded = unescape(piece)
+                if decoded != piece:
+                    take(kind, decoded)
     view = lowered if lowered is not None else text.lower()
     # Fifteen substring tests cost less than one scan with an alternation (measured).
     if budget[0] > 0 and any(map(view.__contains__, _ROT13_WORDS)):

@@ -31,8 +31,8 @@ rotates each round); the median of the rounds is printed. The figures:
    ``PATCH /v1/documents/{id}`` driven by wrk, with the audit trail off
    (``BASTION_AUDIT__ENABLED=false``), on in ``async`` mode (the default: the
    target) and on in ``sync`` mode, interleaved: requests per second, their
-   ratio, the server's CPU per request, and the entries recorded per request
-   (which checks that each variant did what its name says).
+   ratio, the server's and PostgreSQL's CPU per request, and the entries
+   recorded per request (which checks that each variant did what its name says).
 
 The targets of issue 8 are printed as met or not, never asserted.
 
@@ -454,6 +454,17 @@ def _process_cpu(pid: int) -> float:
     return total / 1e9
 
 
+def _postgres_cpu() -> dict[int, float]:
+    """CPU seconds of every local PostgreSQL process, by pid (empty when none is local)."""
+    found = subprocess.run(["pgrep", "-x", "postgres"], capture_output=True, text=True, check=False)
+    return {int(word): _process_cpu(int(word)) for word in found.stdout.split()}
+
+
+def _postgres_cpu_since(before: dict[int, float]) -> float:
+    """PostgreSQL's CPU seconds since ``before``; a process started since counts whole."""
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in _postgres_cpu().items())
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -575,6 +586,7 @@ async def _service_cases(args: argparse.Namespace, url: str) -> tuple[dict[str, 
         p99: dict[str, list[float]] = {name: [] for name in names}
         audited: dict[str, list[float]] = {name: [] for name in names}
         server_cpu: dict[str, list[float]] = {name: [] for name in names}
+        postgres_cpu: dict[str, list[float]] = {name: [] for name in names}
         for round_no in range(args.rounds):
             order = names[round_no % len(names) :] + names[: round_no % len(names)]
             for name in order:
@@ -583,8 +595,10 @@ async def _service_cases(args: argparse.Namespace, url: str) -> tuple[dict[str, 
                 try:
                     warmup = _wrk(port, script, 2, args.connections)  # pool, caches
                     cpu_before = _process_cpu(process.pid)
+                    postgres_before = _postgres_cpu()
                     result = _wrk(port, script, args.duration, args.connections)
                     cpu_used = _process_cpu(process.pid) - cpu_before
+                    postgres_used = _postgres_cpu_since(postgres_before)
                 finally:
                     process.terminate()
                     process.wait(timeout=30)
@@ -593,6 +607,7 @@ async def _service_cases(args: argparse.Namespace, url: str) -> tuple[dict[str, 
                 audited[name].append(recorded / (warmup["requests"] + result["requests"]))
                 samples[name].append(result["rps"])
                 server_cpu[name].append(cpu_used / result["requests"] * 1e6)
+                postgres_cpu[name].append(postgres_used / result["requests"] * 1e6)
                 p99[name].append(result["latency_p99_us"] / 1000)
                 print(f"  round {round_no + 1} {name}: {result['rps']:,.0f} req/s", flush=True)
     rates = {name: statistics.median(values) for name, values in samples.items()}
@@ -602,15 +617,19 @@ async def _service_cases(args: argparse.Namespace, url: str) -> tuple[dict[str, 
         f"{DOCUMENTS} documents, median of {args.rounds} interleaved round(s), "
         + ("pinned (see below)" if args.pin else "no core pinning (PostgreSQL shares the cores)"),
         f"{'variant':<28}{'req/s':>12}{'ratio':>9}{'p99 ms':>9}{'CPU µs/req':>12}"
-        f"{'entries/req':>13}",
+        f"{'PG µs/req':>11}{'entries/req':>13}",
     ]
     off = rates["service, audit off"]
     for name in names:
         lines.append(
             f"{name:<28}{rates[name]:>12,.0f}{rates[name] / off:>8.2f}x"
             f"{statistics.median(p99[name]):>9.1f}{statistics.median(server_cpu[name]):>12,.0f}"
-            f"{min(audited[name]):>13.2f}"
+            f"{statistics.median(postgres_cpu[name]):>11,.0f}{min(audited[name]):>13.2f}"
         )
+    lines.append(
+        "(CPU µs/req: the server process's CPU per request; PG µs/req: every local "
+        "PostgreSQL process's, 0 when the server is remote)"
+    )
     # Paired by round: each round runs every variant back to back, so a round's ratio
     # shares that round's machine weather; the median of the pairs drifts far less than
     # the ratio of the medians when the load of the shared cores wanders.

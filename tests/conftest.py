@@ -17,8 +17,10 @@ import logging
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -130,12 +132,64 @@ def _postgres_session_url() -> Iterator[str | None]:
     asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-@pytest.fixture
-def postgres_url(_postgres_session_url: str | None) -> str:
-    """URL of this session's own PostgreSQL database (asyncpg driver)."""
+@pytest.fixture(scope="session")
+def _postgres_session_admin(
+    _postgres_session_url: str | None,
+) -> Iterator[tuple[Callable[[Any], Any], Any] | None]:
+    """One connection to the session's database, for fixtures' chores.
+
+    Its loop runs in a thread of its own: some fixtures are set up while a test's
+    loop is running in the main thread, where no other loop may run.
+    """
     if _postgres_session_url is None:
+        yield None
+        return
+    import asyncpg
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="postgres-admin", daemon=True)
+    thread.start()
+
+    def run(coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout=30)
+
+    connection = run(asyncpg.connect(_asyncpg_dsn(_postgres_session_url), timeout=3))
+    run(connection.execute("SET lock_timeout = '2s'"))
+    yield run, connection
+    run(connection.close())
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=5)
+    loop.close()
+
+
+# Every test's app has an audit.encryption_key of its own (a fresh development secret),
+# and the month's anonymous subject (anonymous:YYYY-MM) is the same for every test: a
+# subject key left by an earlier test does not unwrap under the next test's key, and the
+# audit writer retries such a batch until the test times out.
+_FORGET_SUBJECT_KEYS = """
+DO $$ BEGIN
+  IF to_regclass('bastion_audit_subject_keys') IS NOT NULL THEN
+    DELETE FROM bastion_audit_subject_keys;
+  END IF;
+END $$
+"""
+
+
+@pytest.fixture
+def postgres_url(
+    _postgres_session_url: str | None,
+    _postgres_session_admin: tuple[Callable[[Any], Any], Any] | None,
+) -> str:
+    """URL of this session's own PostgreSQL database (asyncpg driver).
+
+    The audit subject keys earlier tests left are forgotten first (see above).
+    """
+    if _postgres_session_url is None or _postgres_session_admin is None:
         _service_unavailable("postgres", _service_errors.get("postgres", "unknown"))
     assert _postgres_session_url is not None
+    assert _postgres_session_admin is not None
+    run, connection = _postgres_session_admin
+    run(connection.execute(_FORGET_SUBJECT_KEYS))
     return _postgres_session_url
 
 

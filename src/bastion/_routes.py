@@ -60,6 +60,7 @@ class RouteEntry:
         pattern: the full regular expression, without anchors or named groups.
         methods: the methods it accepts; ``None`` for any.
         endpoint: the endpoint function or class, where the decorator's mark is.
+        route: the route object itself (a FastAPI ``APIRoute`` knows its body's kind).
     """
 
     template: str | None
@@ -67,6 +68,7 @@ class RouteEntry:
     pattern: str
     methods: frozenset[str] | None
     endpoint: Any
+    route: Any = None
 
     @property
     def static(self) -> bool:
@@ -108,6 +110,7 @@ def route_entries(
                     prefix_pattern + _bare(regex.pattern),
                     frozenset(methods) if methods else None,
                     getattr(context, "endpoint", None),
+                    context,
                 )
         elif isinstance(route, Mount):
             yield from _mount_entries(route, prefix, prefix_pattern)
@@ -126,6 +129,7 @@ def route_entries(
                 prefix_pattern + _bare(regex.pattern),
                 frozenset(methods) if methods else None,
                 getattr(route, "endpoint", None),
+                route,
             )
 
 

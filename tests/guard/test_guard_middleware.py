@@ -685,6 +685,24 @@ class TestMediaType:
         )
         assert 200 == api.status_code
 
+    async def test_a_model_body_takes_json_only(self, client):
+        """A FastAPI route with a model body lists only the JSON types it can read:
+        a form sent there is a 415 naming them, not a 422 about a field never sent."""
+        form = await client.post(
+            "/model", content=b"a=1", headers={"content-type": "application/x-www-form-urlencoded"}
+        )
+        body = assert_problem(form, 415, "UNSUPPORTED_MEDIA_TYPE")
+        assert ["application/json", "application/merge-patch+json"] == body["accepted"]
+        assert "application/json, application/merge-patch+json" == form.headers["accept-post"]
+        assert 200 == (await client.post("/model", json={"a": 1})).status_code
+
+    async def test_a_route_without_a_declared_body_keeps_the_whole_list(self, client):
+        """A route that reads the request itself may take any listed type, forms included."""
+        form = await client.post(
+            "/echo", content=b"a=1", headers={"content-type": "application/x-www-form-urlencoded"}
+        )
+        assert 200 == form.status_code
+
     async def test_plus_json_types_are_inspected_as_json(self, client):
         """A listed ``+json`` media type gets the JSON checks."""
         response = await client.post(

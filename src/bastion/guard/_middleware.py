@@ -11,7 +11,10 @@ exception handlers) and counted in ``bastion_guard_rejections_total{reason}``:
 3. the body's size: a ``Content-Length`` over the route's limit is refused
    before a byte is read; a body without one is counted as it arrives (413
    ``PAYLOAD_TOO_LARGE``);
-4. the body's media type against the route's list (415 ``UNSUPPORTED_MEDIA_TYPE``);
+4. the body's media type against the route's list (415 ``UNSUPPORTED_MEDIA_TYPE``):
+   its ``@limits(content_types=...)``, else the types of ``guard.content_types``
+   its declared body can be read from (JSON ones for a FastAPI model body, forms
+   for ``Form``/``File`` parameters, all of them for a route without one);
 5. the body's content, for the media types that need it: JSON is buffered
    (bounded by the limit) and checked for encoding, NUL characters, syntax,
    depth and value count (:mod:`bastion.guard._json_shape`); a form is checked
@@ -37,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import structlog
+from fastapi import params
 from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -108,6 +112,28 @@ class GuardPlan:
 
 def _is_json(media: str) -> bool:
     return media == "application/json" or media.endswith("+json")
+
+
+_FORM_TYPES: Final = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
+
+
+def _body_media(route: object, listed: tuple[str, ...]) -> tuple[str, ...]:
+    """The media types of ``listed`` that a FastAPI route's declared body is read from.
+
+    FastAPI reads a model body only from JSON (anything else reaches validation as
+    bytes: a 422 that names no field the client sent) and ``Form``/``File``
+    parameters only from forms; the route's 415 says so instead. A route without a
+    declared body (it may read ``request.body()`` itself), and any other kind of
+    route, keeps the whole list.
+    """
+    body_field = getattr(route, "body_field", None)
+    if body_field is None:
+        return listed
+    form = isinstance(body_field.field_info, params.Form)
+    fitting = tuple(
+        media for media in listed if (media in _FORM_TYPES if form else _is_json(media))
+    )
+    return fitting or listed
 
 
 class GuardRoutes:
@@ -203,7 +229,10 @@ class GuardRoutes:
                 )
         else:
             limit = body
-        accepted = mark.content_types if mark.content_types is not None else self.accepted
+        if mark.content_types is not None:
+            accepted = mark.content_types
+        else:
+            accepted = _body_media(entry.route, self.accepted)
         settings = self.settings
         return GuardPlan(
             template,

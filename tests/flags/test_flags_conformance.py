@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,8 @@ WORKSPACE = Path(
         Path(__file__).resolve().parents[3] / "shared" / "conformance" / "unleash",
     )
 )
+# CI must prove the workspace's cases too, not quietly run only the vendored copy.
+IN_CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 # applicationHostname compares the machine's name; the specification's cases assume none
 # of their host names is this machine's, so the tests pin one.
 HOSTNAME = "bastion-conformance-host"
@@ -31,14 +34,36 @@ def _files() -> list[Path]:
     return sorted(path for source in sources for path in source.glob("*.json"))
 
 
-def _load(path: Path) -> dict:
+def _load(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _is_client_state(spec: dict) -> bool:
-    # The delta-API files (an event stream under state.events) test a transport, not
-    # the evaluator.
-    return isinstance(spec.get("state"), dict) and "events" not in spec["state"]
+def _not_client_state(path: Path) -> str | None:
+    """Why ``path`` is not a case file of the evaluator; ``None`` when it is one."""
+    try:
+        spec = _load(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"not readable JSON ({type(exc).__name__}: {exc})"
+    if not isinstance(spec, dict):
+        # Upstream's specifications/index.json lists the files: not a case file.
+        return f"a JSON {type(spec).__name__}, not a case file (an index?)"
+    state = spec.get("state")
+    if not isinstance(state, dict):
+        return "no 'state' object"
+    if "events" in state:
+        # The delta-API files (an event stream under state.events) test a transport,
+        # not the evaluator.
+        return "a delta-API file (state.events): a transport, not the evaluator"
+    shapes = {
+        "its state has no 'features' list": isinstance(state.get("features"), list),
+        "its 'tests' is not a list": isinstance(spec.get("tests", []), list),
+        "its 'variantTests' is not a list": isinstance(spec.get("variantTests", []), list),
+    }
+    return next((why for why, fits in shapes.items() if not fits), None)
+
+
+def _is_client_state(path: Path) -> bool:
+    return _not_client_state(path) is None
 
 
 def _source(path: Path) -> str:
@@ -48,9 +73,9 @@ def _source(path: Path) -> str:
 def _cases(kind: str) -> list:
     cases = []
     for path in _files():
-        spec = _load(path)
-        if not _is_client_state(spec):
+        if not _is_client_state(path):
             continue
+        spec = _load(path)
         for index in range(len(spec.get(kind, []))):
             cases.append(pytest.param(path, index, id=f"{_source(path)}/{path.stem}/{index}"))
     return cases
@@ -76,7 +101,32 @@ class TestVectorsPresent:
 
     def test_every_file_is_client_state(self):
         """Every vendored file is a client-state case file, so none is silently skipped."""
-        assert all(_is_client_state(_load(path)) for path in VENDORED.glob("*.json"))
+        assert {} == {
+            path.name: why for path in VENDORED.glob("*.json") if (why := _not_client_state(path))
+        }
+
+    def test_workspace_vectors_are_there(self):
+        """The workspace's directory is run too; in CI its absence fails, never shrinks the run."""
+        if not WORKSPACE.is_dir():
+            message = (
+                f"{WORKSPACE} is missing: the workspace's Unleash cases "
+                "(../shared/conformance/unleash, or BASTION_UNLEASH_VECTORS) are not run"
+            )
+            if IN_CI:
+                pytest.fail(message)
+            pytest.skip(message)
+        assert any(WORKSPACE.glob("*.json")), f"{WORKSPACE} holds no .json file"
+
+
+class TestFiles:
+    @pytest.mark.parametrize("path", _files(), ids=lambda path: f"{_source(path)}/{path.name}")
+    def test_file_is_a_case_file(self, path):
+        """Every file is read; one that is not a client-state case file is a visible skip."""
+        why = _not_client_state(path)
+        if why is not None:
+            pytest.skip(f"{path}: {why}")
+        spec = _load(path)
+        assert spec.get("tests") or spec.get("variantTests"), f"{path} holds no case"
 
 
 class TestIsEnabled:

@@ -162,6 +162,32 @@ class TestRules:
             flag_set.is_enabled("f", EvaluationContext(email="bob@other.org")),
         ]
 
+    def test_email_domain_is_derived_for_dict_and_unleash_contexts(self):
+        """A dict context, or an Unleash one with the e-mail among its properties, gets it too."""
+        domain = Constraint(context="emailDomain", operator=Operator.IN, values=("example.com",))
+        flags = Flags(_set(Flag(key="f", enabled=True, rules=(Rule(constraints=(domain,)),))))
+        contexts = [
+            {"email": "ann@Example.com"},
+            {"userId": "u1", "properties": {"email": "ann@example.com"}},
+            {"email": "bob@other.org"},
+            {"email": "no-at-sign"},
+            {"email": 42},
+        ]
+        assert [True, True, False, False, False] == [flags.is_enabled("f", c) for c in contexts]
+        assert Reason.TARGETING_MATCH == flags.evaluate("f", contexts[1]).reason
+
+    def test_explicit_email_domain_is_not_overridden(self):
+        """An emailDomain the caller gives wins over the one its e-mail would give."""
+        domain = Constraint(context="emailDomain", operator=Operator.IN, values=("example.com",))
+        flag_set = _set(Flag(key="f", enabled=True, rules=(Rule(constraints=(domain,)),)))
+        assert [False, False] == [
+            flag_set.is_enabled("f", {"email": "ann@example.com", "emailDomain": "other.org"}),
+            flag_set.is_enabled(
+                "f",
+                EvaluationContext(email="ann@example.com", properties={"emailDomain": "other.org"}),
+            ),
+        ]
+
     def test_app_version_semver_constraint(self):
         """A SEMVER_GTE constraint on appVersion admits newer versions only."""
         newer = Constraint(context="app_version", operator=Operator.SEMVER_GTE, value="2.1.0")
@@ -552,6 +578,39 @@ class TestErrors:
         assert ("PARSE_ERROR", "PARSE_ERROR") == (bad_context.error_code, not_compiled.error_code)
         assert {"f": "PARSE_ERROR", "broken": "PARSE_ERROR"} == logged
         assert "could not be compiled" in (not_compiled.error_message or "")
+
+    def test_error_logs_stay_throttled_once_the_key_table_is_full(self, monkeypatch):
+        """Past the table's bound, new flag keys share one slot: one line a minute, not one
+        per evaluation."""
+        monkeypatch.setattr(engine, "_last_logged", {})
+        monkeypatch.setattr(engine, "_LOGGED_KEYS_MAX", 2)
+        flag_set = _set(
+            *(Flag(key=key, enabled=True, rules=(Rule(constraints=(ADMINS,)),)) for key in "abcde")
+        )
+        with structlog.testing.capture_logs() as logs:
+            for key in ("a", "b", "c", "d", "e", "a"):
+                flag_set.evaluate(key, 42)  # type: ignore[arg-type]  # a malformed context
+        logged = [e["flag"] for e in logs if e["event"] == "flags.evaluation_error"]
+        assert ["a", "b", "c"] == logged
+
+    def test_flags_log_and_count_missing_flags_and_type_mismatches(self, monkeypatch):
+        """Flags logs the errors found outside the engine (no context values) and counts them."""
+        monkeypatch.setattr(engine, "_last_logged", {})
+        theme = Flag(
+            key="f", type=FlagType.STRING, enabled=True, variants=(Variant(name="v", value="x"),)
+        )
+        flags = Flags(_set(theme))
+        context = {"userId": "secret-user", "email": "ann@example.com"}
+        with structlog.testing.capture_logs() as logs:
+            flags.is_enabled("missing", context)
+            flags.details("f", False, context, expected=FlagType.BOOLEAN)
+        logged = [
+            (e["flag"], e["error_code"]) for e in logs if e["event"] == "flags.evaluation_error"
+        ]
+        assert [("missing", "FLAG_NOT_FOUND"), ("f", "TYPE_MISMATCH")] == logged
+        assert "secret-user" not in repr(logs)
+        assert "example.com" not in repr(logs)
+        assert {(UNKNOWN_FLAG, "ERROR"): 1, ("f", "ERROR"): 1} == flags.evaluation_counts()
 
 
 class TestCountedReasons:

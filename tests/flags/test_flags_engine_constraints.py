@@ -7,17 +7,22 @@ import datetime as dt
 import pytest
 
 from bastion.flags._constraints import RegexTimeout, compile_constraint
-from bastion.flags._model import Constraint, Operator
+from bastion.flags._model import LENIENT_OPERANDS, Constraint, Operator
 
 
 def _holds(operator: Operator, context: dict, *, values=(), value=None, **options) -> bool:
-    constraint = Constraint(
-        context="field",
-        operator=operator,
-        values=tuple(values),
-        value=value,
-        inverted=options.pop("inverted", False),
-        case_insensitive=options.pop("case_insensitive", False),
+    # Read as an Unleash state or a stored row is (lenient): these tests are about how the
+    # engine reads any operand, including those bastion's own documents refuse.
+    constraint = Constraint.model_validate(
+        {
+            "context": "field",
+            "operator": operator,
+            "values": tuple(values),
+            "value": value,
+            "inverted": options.pop("inverted", False),
+            "case_insensitive": options.pop("case_insensitive", False),
+        },
+        context=LENIENT_OPERANDS,
     )
     return compile_constraint(constraint, **options)(context)
 

@@ -161,6 +161,13 @@ class TestStrategies:
 
 
 class TestLeniency:
+    def test_parameters_no_json_can_carry_do_not_raise(self):
+        """A parameter holding an integer beyond 64 bits reads as text that matches nothing."""
+        feature = _feature(
+            strategies=[{"name": "default", "parameters": {"groupId": [2**70], "x": 2**70}}]
+        )
+        assert FlagSet.from_unleash(_state(feature)).is_enabled("f", {"userId": "1"})
+
     @pytest.mark.parametrize(
         "feature",
         [

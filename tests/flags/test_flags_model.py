@@ -1,18 +1,24 @@
-"""Bastion's flag format refuses what would cost too much or corrupt logs: depth, sizes, keys."""
+"""Bastion's flag format refuses what would cost too much, corrupt logs or never match."""
 
 from __future__ import annotations
+
+import secrets
 
 import orjson
 import pytest
 from pydantic import ValidationError
 
+import bastion
+from bastion.flags._engine import FlagSet
 from bastion.flags._model import (
     JSON_DEPTH_MAX,
+    LENIENT_OPERANDS,
     Constraint,
     Flag,
     FlagType,
     Operator,
     Prerequisite,
+    Rollout,
     Rule,
     Segment,
     TenantOverride,
@@ -20,6 +26,8 @@ from bastion.flags._model import (
     VariantOverride,
     VariantPayload,
 )
+from bastion.flags._unleash import flags_from_unleash
+from bastion.testing import lifespan_client
 
 
 def _nested(depth: int) -> object:
@@ -193,3 +201,213 @@ class TestKeys:
         for key in ("", "k" * 201):
             with pytest.raises(ValidationError):
                 Flag(key=key)
+
+
+BAD_OPERANDS = {
+    "regex": ({"operator": "REGEX", "value": "("}, "value", "invalid_regex"),
+    "regex-look-ahead": ({"operator": "REGEX", "value": "a(?=b)"}, "value", "invalid_regex"),
+    "regex-empty": ({"operator": "REGEX", "value": ""}, "value", "invalid_regex"),
+    "number": ({"operator": "NUM_GT", "value": "ten"}, "value", "invalid_number"),
+    "number-underscore": ({"operator": "NUM_EQ", "value": "1_000"}, "value", "invalid_number"),
+    "date": ({"operator": "DATE_AFTER", "value": "next tuesday"}, "value", "invalid_date"),
+    "semver": ({"operator": "SEMVER_GTE", "value": "1.2"}, "value", "invalid_semver"),
+    "cidr": (
+        {"operator": "IN_CIDR", "values": ["10.0.0.0/8", "10.0.0.0/33"]},
+        "values.1",
+        "invalid_cidr",
+    ),
+}
+GOOD_OPERANDS = [
+    {"operator": "REGEX", "value": "^[a-z]+@example\\.com$"},
+    {"operator": "NUM_LTE", "value": "-1.5"},
+    {"operator": "DATE_BEFORE", "value": "2026-01-31T12:00:00Z"},
+    {"operator": "SEMVER_LT", "value": "2.0.0-beta.1"},
+    {"operator": "IN_CIDR", "values": ["10.0.0.0/8", "2001:db8::/32", "192.168.1.7"]},
+    # Only the field the operator reads is checked: IN lists any text.
+    {"operator": "IN", "values": ["(", "ten"]},
+]
+
+
+def _with_constraint(constraint: dict) -> dict:
+    """A flag whose second rule's second constraint is ``constraint``."""
+    ok = {"context": "country", "operator": "IN", "values": ["NO"]}
+    return {
+        "key": "f",
+        "enabled": True,
+        "rules": [
+            {"constraints": [ok]},
+            {"constraints": [ok, {"context": "field", **constraint}]},
+        ],
+    }
+
+
+class TestOperands:
+    @pytest.mark.parametrize(("operand", "where", "code"), BAD_OPERANDS.values(), ids=BAD_OPERANDS)
+    def test_bastion_format_refuses_operands_that_never_match(self, operand, where, code):
+        """A document in bastion's format with an unparseable operand is refused, located."""
+        with pytest.raises(ValidationError) as caught:
+            Flag.model_validate(_with_constraint(operand))
+        assert [(f"rules.1.constraints.1.{where}", code)] == [
+            (".".join(map(str, e["loc"])), e["type"]) for e in caught.value.errors()
+        ]
+
+    @pytest.mark.parametrize(("operand", "where", "code"), BAD_OPERANDS.values(), ids=BAD_OPERANDS)
+    def test_segments_refuse_them_too(self, operand, where, code):
+        """A segment's constraints are checked like a rule's."""
+        with pytest.raises(ValidationError) as caught:
+            Segment.model_validate({"name": "s", "constraints": [{"context": "x", **operand}]})
+        assert [code] == [e["type"] for e in caught.value.errors()]
+
+    @pytest.mark.parametrize("operand", GOOD_OPERANDS, ids=[o["operator"] for o in GOOD_OPERANDS])
+    def test_valid_operands_are_accepted(self, operand):
+        """Operands the engine can read pass."""
+        Flag.model_validate(_with_constraint(operand))
+
+    @pytest.mark.parametrize(("operand", "where", "code"), BAD_OPERANDS.values(), ids=BAD_OPERANDS)
+    def test_lenient_context_keeps_them_and_code_is_refused(self, operand, where, code):
+        """Stored rows (and the Unleash reader) still load such a constraint, which never
+        matches; a constraint built in code is refused like a document's."""
+        flag = Flag.model_validate(_with_constraint(operand), context=LENIENT_OPERANDS)
+        with pytest.raises(ValidationError) as caught:
+            Constraint(context="field", **operand)
+        assert [code] == [e["type"] for e in caught.value.errors()]
+        only = flag.model_copy(update={"rules": flag.rules[1:]})
+        assert not FlagSet.from_flags([only]).is_enabled("f", {"country": "NO", "field": "x"})
+
+    @pytest.mark.parametrize(("operand", "where", "code"), BAD_OPERANDS.values(), ids=BAD_OPERANDS)
+    def test_unleash_reader_stays_lenient(self, operand, where, code):
+        """An Unleash state with such an operand loads (the client spec requires it): no match."""
+        unleash_operand = {"contextName": "field", "operator": operand["operator"]}
+        unleash_operand.update({k: v for k, v in operand.items() if k in ("value", "values")})
+        state = {
+            "features": [
+                {
+                    "name": "f",
+                    "enabled": True,
+                    "strategies": [{"name": "default", "constraints": [unleash_operand]}],
+                }
+            ]
+        }
+        flags, _ = flags_from_unleash(state, strict=True)
+        assert 1 == len(flags[0].rules[0].constraints)
+        flag_set = FlagSet.from_unleash(state)
+        assert not flag_set.is_enabled("f", {"field": "192.168.0.1"})
+
+
+class TestStrictTypes:
+    @pytest.mark.parametrize(
+        "flag",
+        [
+            {"key": "f", "enabled": "yes"},
+            {"key": "f", "enabled": 1},
+            {"key": "f", "client_visible": "true"},
+            {"key": "f", "rules": [{"disabled": "no"}]},
+            {"key": "f", "tenants": {"acme": {"enabled": "on"}}},
+            {"key": "f", "prerequisites": [{"flag": "g", "enabled": 0}]},
+            {
+                "key": "f",
+                "rules": [{"constraints": [{"context": "c", "operator": "IN", "inverted": "y"}]}],
+            },
+        ],
+        ids=[
+            "enabled",
+            "enabled-int",
+            "client-visible",
+            "disabled",
+            "tenant",
+            "prereq",
+            "inverted",
+        ],
+    )
+    def test_booleans_are_json_booleans(self, flag):
+        """A boolean field takes true or false, not "yes", "true", 1 or 0."""
+        with pytest.raises(ValidationError) as caught:
+            Flag.model_validate(flag)
+        assert {"bool_type"} == {e["type"] for e in caught.value.errors()}
+
+    def test_group_id_length(self):
+        """A rollout's group id is at most 200 characters."""
+        Rollout.model_validate({"group_id": "g" * 200})
+        with pytest.raises(ValidationError):
+            Rollout.model_validate({"group_id": "g" * 201})
+
+
+TOKEN = secrets.token_urlsafe(32)
+
+
+@pytest.fixture
+async def admin(sqlite_url):
+    """An operator's client of an app on its own SQLite file."""
+    app = bastion.create_app(
+        database={"url": sqlite_url},
+        migrations={"mode": "auto"},
+        logging={"level": "WARNING", "format": "json"},
+        http={"admin_token": TOKEN},
+        identity={"passwords": {"time_cost": 1, "memory_cost": 8}},
+        audit={"mode": "sync", "checkpoint_interval": 0},
+        flags={"store_url": "memory://"},
+    )
+    async with lifespan_client(app, headers={"authorization": f"Bearer {TOKEN}"}) as client:
+        yield client
+
+
+class TestAdminRoutes:
+    async def test_bad_operands_are_422_naming_the_value(self, admin):
+        """Each unparseable operand is INVALID_INPUT on create, its field and code named."""
+        answers = {}
+        for name, (operand, _where, _code) in BAD_OPERANDS.items():
+            response = await admin.post("/admin/features", json=_with_constraint(operand))
+            body = response.json()
+            answers[name] = (
+                response.status_code,
+                body["code"],
+                [(e["field"], e["code"]) for e in body["errors"]],
+            )
+        assert {
+            name: (422, "INVALID_INPUT", [(f"body.rules.1.constraints.1.{where}", code)])
+            for name, (_operand, where, code) in BAD_OPERANDS.items()
+        } == answers
+        assert [] == (await admin.get("/admin/features")).json()["flags"]
+
+    async def test_update_and_import_refuse_them_too(self, admin):
+        """PUT and a bastion-format import refuse a bad regex and a string for a boolean."""
+        created = await admin.post("/admin/features", json=_with_constraint(GOOD_OPERANDS[0]))
+        assert 201 == created.status_code, created.text
+        headers = {"if-match": created.headers["etag"]}
+        bad_regex = _with_constraint({"operator": "REGEX", "value": "("})
+        put = await admin.put("/admin/features/f", json=bad_regex, headers=headers)
+        yes = await admin.put(
+            "/admin/features/f", json={"key": "f", "enabled": "yes"}, headers=headers
+        )
+        imported = await admin.post("/admin/features/import", json={"flags": [bad_regex]})
+        assert [422, 422, 422] == [put.status_code, yes.status_code, imported.status_code]
+        assert ("invalid_regex", "bool_type", "invalid_regex") == (
+            put.json()["errors"][0]["code"],
+            yes.json()["errors"][0]["code"],
+            imported.json()["errors"][0]["code"],
+        )
+        stored = (await admin.get("/admin/features/f")).json()
+        assert (1, True) == (stored["version"], stored["flag"]["enabled"])
+
+    async def test_unleash_import_stays_lenient(self, admin):
+        """An Unleash state with a bad regex imports, and the stored flag reads back."""
+        state = {
+            "features": [
+                {
+                    "name": "u",
+                    "enabled": True,
+                    "strategies": [
+                        {
+                            "name": "default",
+                            "constraints": [
+                                {"contextName": "userId", "operator": "REGEX", "value": "("}
+                            ],
+                        }
+                    ],
+                }
+            ]
+        }
+        response = await admin.post("/admin/features/import", json=state)
+        assert response.status_code in (200, 201), response.text
+        stored = (await admin.get("/admin/features/u")).json()
+        assert "(" == stored["flag"]["rules"][0]["constraints"][0]["value"], stored

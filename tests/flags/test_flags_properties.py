@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections import Counter
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -16,15 +17,31 @@ from bastion.flags._evaluation import Evaluation, EvaluationContext, Reason
 from bastion.flags._model import Flag, Rollout, Rule, Variant
 
 IDS = st.text(min_size=1, max_size=40)
-# 100 buckets, 99 degrees of freedom: the chi-square statistic exceeds 148.2 with
-# probability 0.001 for a uniform hash. The ids are fixed, so the test is deterministic.
-CHI_SQUARE_99_P001 = 148.2
+NAMES = st.text(
+    alphabet=st.characters(
+        blacklist_categories=("Cc", "Cf", "Cs", "Zl", "Zp"), blacklist_characters="/"
+    ),
+    min_size=1,
+    max_size=60,
+)
+"""Flag keys and group ids bastion (and Unleash) accepts."""
+# 100 buckets, 99 degrees of freedom: a uniform hash exceeds 181.0 with probability below
+# one in a million, so a handful of drawn groups per run never fails by chance, while a
+# biased hash (a bucket 10% off) scores in the thousands.
+CHI_SQUARE_99_P1E6 = 181.0
 SAMPLE = 100_000
+# Each example hashes SAMPLE ids: a few examples keep every test well under a second or two.
+FEW = settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _rollout_set(percentage: float, group: str = "g") -> FlagSet:
     rule = Rule(rollout=Rollout(percentage=percentage, stickiness="userId", group_id=group))
     return FlagSet.from_flags([Flag(key="f", enabled=True, rules=(rule,))])
+
+
+def _ids(prefix: str) -> list[str]:
+    """SAMPLE distinct user ids of one shape, as a service numbers its users."""
+    return [f"{prefix}{n}" for n in range(SAMPLE)]
 
 
 class TestStability:
@@ -46,30 +63,34 @@ class TestStability:
 
 
 class TestUniformity:
-    def test_buckets_are_uniform_over_100000_ids(self):
-        """Rollout buckets of 100,000 ids pass a chi-square test for uniformity (p=0.001)."""
-        counts = Counter(normalized_hash("rollout", f"user-{n}") for n in range(SAMPLE))
+    @FEW
+    @given(group=NAMES, prefix=st.sampled_from(["", "user-", "u", "tenant:42:"]) | IDS)
+    def test_buckets_are_uniform_over_100000_ids(self, group, prefix):
+        """For any group, the buckets of 100,000 ids pass a chi-square test for uniformity."""
+        counts = Counter(normalized_hash(group, user) for user in _ids(prefix))
         expected = SAMPLE / 100
         chi_square = sum((counts[b] - expected) ** 2 / expected for b in range(1, 101))
-        assert set(counts) == set(range(1, 101))
-        assert chi_square < CHI_SQUARE_99_P001
+        assert set(range(1, 101)) == set(counts)
+        assert chi_square < CHI_SQUARE_99_P1E6
 
-    def test_rollout_admits_its_percentage(self):
-        """A 30% rollout admits 30% of 100,000 ids, within half a point."""
-        flag_set = _rollout_set(30, group="checkout")
-        admitted = sum(flag_set.is_enabled("f", {"userId": f"id-{n}"}) for n in range(SAMPLE))
-        assert abs(admitted / SAMPLE - 0.30) < 0.005
+    @FEW
+    @given(group=NAMES, percentage=st.integers(1, 99), prefix=IDS)
+    def test_rollout_admits_its_percentage(self, group, percentage, prefix):
+        """A p% rollout admits p% of 100,000 ids, within 0.8 points (five standard deviations)."""
+        flag_set = _rollout_set(percentage, group=group)
+        admitted = sum(flag_set.is_enabled("f", {"userId": user}) for user in _ids(prefix))
+        assert abs(admitted / SAMPLE - percentage / 100) < 0.008
 
-    def test_variant_weights_are_honoured(self):
-        """Variants weighted 20/30/50 are served in those shares, within a point."""
+    @FEW
+    @given(key=NAMES, prefix=IDS)
+    def test_variant_weights_are_honoured(self, key, prefix):
+        """Variants weighted 20/30/50 are served in those shares, within a point, for any flag."""
         variants = tuple(
             Variant(name=name, weight=weight, stickiness="userId")
             for name, weight in (("a", 200), ("b", 300), ("c", 500))
         )
-        flag_set = FlagSet.from_flags([Flag(key="exp", enabled=True, variants=variants)])
-        served = Counter(
-            flag_set.evaluate("exp", {"userId": str(n)}).variant for n in range(SAMPLE)
-        )
+        flag_set = FlagSet.from_flags([Flag(key=key, enabled=True, variants=variants)])
+        served = Counter(flag_set.evaluate(key, {"userId": user}).variant for user in _ids(prefix))
         shares = {name: served[name] / SAMPLE for name in "abc"}
         assert all(abs(shares[n] - w) < 0.01 for n, w in (("a", 0.2), ("b", 0.3), ("c", 0.5)))
 
@@ -77,52 +98,91 @@ class TestUniformity:
 _CHILD = """
 import json, sys
 from bastion.flags._engine import FlagSet
-flag_set = FlagSet.from_unleash(json.loads(sys.argv[1]))
-ids = json.loads(sys.argv[2])
-print(json.dumps([
-    [flag_set.is_enabled("f", {"userId": i}), flag_set.variant("f", {"userId": i})["name"]]
-    for i in ids
-]))
+for line in sys.stdin:
+    request = json.loads(line)
+    flag_set = FlagSet.from_unleash(request["state"])
+    name = request["name"]
+    print(json.dumps([
+        [flag_set.is_enabled(name, {"userId": i}), flag_set.variant(name, {"userId": i})["name"]]
+        for i in request["ids"]
+    ]), flush=True)
 """
 
 
-class TestDeterminismAcrossProcesses:
-    def test_another_process_gives_the_same_answers(self):
-        """A fresh interpreter (other hash seed) buckets and picks variants exactly alike."""
-        state = {
-            "features": [
-                {
-                    "name": "f",
-                    "enabled": True,
-                    "strategies": [
-                        {
-                            "name": "flexibleRollout",
-                            "parameters": {"rollout": "50", "stickiness": "userId"},
-                        }
-                    ],
-                    "variants": [
-                        {"name": "a", "weight": 300, "stickiness": "userId"},
-                        {"name": "b", "weight": 700, "stickiness": "userId"},
-                    ],
-                }
-            ]
-        }
-        ids = [f"user-{n}" for n in range(2000)] + ["Ünïcødé", "😀", ""]
-        flag_set = FlagSet.from_unleash(state)
-        here = [
-            [flag_set.is_enabled("f", {"userId": i}), flag_set.variant("f", {"userId": i})["name"]]
-            for i in ids
+@pytest.fixture(scope="module")
+def other_process():
+    """A second interpreter (another hash seed) that answers evaluation requests line by line.
+
+    One process for every example: importing bastion takes about a second, too long to pay
+    per hypothesis example.
+    """
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+    )
+
+    def ask(request: dict) -> list:
+        assert child.stdin is not None
+        assert child.stdout is not None
+        child.stdin.write(json.dumps(request) + "\n")
+        child.stdin.flush()
+        return json.loads(child.stdout.readline())
+
+    yield ask
+    assert child.stdin is not None
+    assert child.stdout is not None
+    child.stdin.close()
+    # A bounded wait on a real process: it ends as soon as its input does.
+    child.wait(timeout=30)
+    child.stdout.close()
+
+
+def _state(name: str, rollout: int, group: str | None, weights: tuple[int, int]) -> dict:
+    parameters = {"rollout": str(rollout), "stickiness": "userId"}
+    if group is not None:
+        parameters["groupId"] = group
+    return {
+        "features": [
+            {
+                "name": name,
+                "enabled": True,
+                "strategies": [{"name": "flexibleRollout", "parameters": parameters}],
+                "variants": [
+                    {"name": "a", "weight": weights[0], "stickiness": "userId"},
+                    {"name": "b", "weight": weights[1], "stickiness": "userId"},
+                ],
+            }
         ]
-        # A bounded wait on a real process: importing bastion takes about a second.
-        child = subprocess.run(
-            [sys.executable, "-c", _CHILD, json.dumps(state), json.dumps(ids)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "PYTHONHASHSEED": "12345"},
-            check=True,
-        )
-        assert here == json.loads(child.stdout)
+    }
+
+
+CASES = st.fixed_dictionaries(
+    {
+        "name": NAMES,
+        "rollout": st.integers(0, 100),
+        "group": st.none() | NAMES,
+        "weights": st.tuples(st.integers(1, 1000), st.integers(1, 1000)),
+    }
+)
+
+
+class TestDeterminismAcrossProcesses:
+    @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(case=CASES, ids=st.lists(st.text(max_size=40), min_size=1, max_size=200))
+    def test_another_process_gives_the_same_answers(self, other_process, case, ids):
+        """A fresh interpreter (other hash seed) buckets and picks variants exactly alike."""
+        name = case["name"]
+        state = _state(name, case["rollout"], case["group"], case["weights"])
+        flag_set = FlagSet.from_unleash(state)
+        assert name in flag_set
+        here = [
+            [flag_set.is_enabled(name, context), flag_set.variant(name, context)["name"]]
+            for context in ({"userId": i} for i in ids)
+        ]
+        assert here == other_process({"state": state, "name": name, "ids": ids})
 
 
 # Arbitrary JSON values, for states and contexts that may be anything.

@@ -5,14 +5,16 @@ from __future__ import annotations
 import secrets
 
 import pytest
+import structlog
 from openfeature import api
 from openfeature.evaluation_context import EvaluationContext as OpenFeatureContext
 from openfeature.exception import ErrorCode
 from openfeature.flag_evaluation import Reason
 from openfeature.hook import Hook
 
+from bastion.flags import _engine as engine
 from bastion.flags._engine import FlagSet
-from bastion.flags._flags import Flags
+from bastion.flags._flags import UNKNOWN_FLAG, Flags
 from bastion.flags._model import Constraint, Flag, FlagType, Operator, Rule, Variant
 from bastion.flags._provider import BastionProvider, to_evaluation_context
 
@@ -205,6 +207,27 @@ class TestContext:
             "admins", True, OpenFeatureContext(attributes={"roles": 5})
         )
         assert (True, ErrorCode.INVALID_CONTEXT) == (details.value, details.error_code)
+
+    def test_unusable_context_is_logged_and_counted(self, client, flags, monkeypatch):
+        """INVALID_CONTEXT is counted as ERROR and logged with the flag and code, no values."""
+        monkeypatch.setattr(engine, "_last_logged", {})
+        context = OpenFeatureContext("secret-user", {"roles": 5, "email": "ann@example.com"})
+        with structlog.testing.capture_logs() as logs:
+            client.get_boolean_details("admins", True, context)
+            client.get_boolean_details("nope", True, context)
+        logged = [
+            (e["flag"], e["error_code"]) for e in logs if e["event"] == "flags.evaluation_error"
+        ]
+        assert [("admins", "INVALID_CONTEXT"), ("nope", "INVALID_CONTEXT")] == logged
+        assert "secret-user" not in repr(logs)
+        assert "example.com" not in repr(logs)
+        # An unknown key is counted under "<unknown>": callers cannot grow the label set.
+        assert {("admins", "ERROR"): 1, (UNKNOWN_FLAG, "ERROR"): 1} == flags.evaluation_counts()
+
+    def test_fraction_asked_as_integer_is_counted_as_error(self, client, flags):
+        """A TYPE_MISMATCH found by the provider's conversion is counted once, as ERROR."""
+        client.get_integer_details("ratio", 7)
+        assert {("ratio", "ERROR"): 1} == flags.evaluation_counts()
 
     def test_translation_keeps_custom_attributes(self):
         """Attributes bastion has no field for become custom properties."""

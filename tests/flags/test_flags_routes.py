@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
+import sqlite3
 import threading
 
 import pytest
@@ -836,4 +838,146 @@ class TestClientSession:
     async def test_session_id_is_documented(self, client):
         """The OpenAPI document names the ``sessionId`` query parameter of the client route."""
         operation = (await client.get("/openapi.json")).json()["paths"]["/api/features"]["get"]
-        assert ["sessionId"] == [parameter["name"] for parameter in operation["parameters"]]
+        assert ["sessionId", "appVersion"] == [
+            parameter["name"] for parameter in operation["parameters"]
+        ]
+
+
+def audit_entries(database_url: str, key: str) -> list[tuple[str, str, dict]]:
+    """``(action, actor, details)`` of the audit entries about flag ``key``, oldest first."""
+    path = database_url.removeprefix("sqlite+aiosqlite:///")
+    with sqlite3.connect(path) as connection:
+        rows = connection.execute(
+            "SELECT action, actor_type, actor_id, details FROM bastion_audit_entries"
+            " WHERE resource_type = 'flag' AND resource_id = ? ORDER BY seq",
+            (key,),
+        ).fetchall()
+    return [
+        (action, f"{kind}:{ident}", json.loads(details)) for action, kind, ident, details in rows
+    ]
+
+
+class TestWho:
+    async def test_claimed_operator_is_recorded_with_the_shared_token(self, client, sqlite_url):
+        """``X-Operator`` is kept as the claimed name; the actor stays ``system:operator``."""
+        key = unique()
+        created = await client.post(
+            "/admin/features", json=beta(key), headers={"x-operator": "alice"}
+        )
+        assert 201 == created.status_code, created.text
+        toggled = await client.post(
+            f"/admin/features/{key}/toggle",
+            json={"enabled": False},
+            headers={
+                "if-match": created.headers["etag"],
+                "x-operator": "Zoë".encode(),
+            },
+        )
+        assert 200 == toggled.status_code, toggled.text
+
+        assert "system:operator (claimed: Zoë)" == toggled.json()["updated_by"]
+        history = (await client.get(f"/admin/features/{key}/history")).json()["items"]
+        assert ["system:operator (claimed: Zoë)", "system:operator (claimed: alice)"] == [
+            item["actor"] for item in history
+        ]
+        assert [
+            ("flag.create", "system:operator", "alice"),
+            ("flag.toggle", "system:operator", "Zoë"),
+        ] == [
+            (action, actor, details["operator"])
+            for action, actor, details in audit_entries(sqlite_url, key)
+        ]
+
+    async def test_without_a_claim_the_operator_is_unnamed(self, client, sqlite_url):
+        """No ``X-Operator``: ``system:operator``, and no name in the audit details."""
+        key = unique()
+        await create(client, beta(key))
+        assert [("flag.create", "system:operator", {"version": 1})] == audit_entries(
+            sqlite_url, key
+        )
+
+    @pytest.mark.parametrize("bad", ["", "  ", "x" * 129, "ali\tce", "\u202eevil"])
+    async def test_bad_claim_is_422_and_nothing_is_written(self, client, bad):
+        """An empty, over-long or unprintable ``X-Operator`` is 422 on the header, no write."""
+        key = unique()
+        response = await client.post(
+            "/admin/features",
+            json=beta(key),
+            headers={"x-operator": bad.encode()},
+        )
+        assert (422, "INVALID_INPUT") == (response.status_code, response.json()["code"])
+        assert response.headers["content-type"].startswith("application/problem+json")
+        assert ["header.X-Operator"] == [error["field"] for error in response.json()["errors"]]
+        assert 404 == (await client.get(f"/admin/features/{key}")).status_code
+
+    async def test_api_key_beside_the_token_is_the_actor(self, sqlite_url):
+        """An API key sent beside the admin token is recorded as the actor, not the claim."""
+        app = make_app(sqlite_url)
+        async with lifespan_client(app, headers=OPERATOR) as client:
+            admin = await create_member(
+                app, tenant_slug=unique("t"), email=f"{unique()}@example.org", role="admin"
+            )
+            issued = await client.post(
+                "/v1/api-keys",
+                json={"name": "ops", "scopes": ["tenant:read"]},
+                headers=admin.headers,
+            )
+            assert 201 == issued.status_code, issued.text
+            api_key = issued.json()
+            key = unique()
+            created = await client.post(
+                "/admin/features",
+                json=beta(key),
+                headers={"x-api-key": api_key["key"], "x-operator": "mallory"},
+            )
+            wrong = await client.post(
+                "/admin/features",
+                json=beta(unique()),
+                headers={"x-api-key": api_key["key"][:-1] + "?"},
+            )
+            without_token = await client.post(
+                "/admin/features",
+                json=beta(unique()),
+                headers={"authorization": "", "x-api-key": api_key["key"]},
+            )
+
+        assert 201 == created.status_code, created.text
+        assert f"api_key:{api_key['id']}" == created.json()["updated_by"]
+        assert [("flag.create", f"api_key:{api_key['id']}", {"version": 1})] == audit_entries(
+            sqlite_url, key
+        )
+        # A key that does not authenticate is refused, not taken for the operator's write.
+        assert (401, 401) == (wrong.status_code, without_token.status_code)
+
+
+class TestClientAppVersion:
+    async def test_app_version_targets_front_end_builds(self, client):
+        """``?appVersion=`` is matched by a semver rule: 2.1.0 and later get the flag."""
+        key = unique()
+        newer = {"context": "appVersion", "operator": "SEMVER_GTE", "value": "2.1.0"}
+        await create(
+            client,
+            {
+                "key": key,
+                "enabled": True,
+                "client_visible": True,
+                "rules": [{"constraints": [newer]}],
+            },
+        )
+        answers = {}
+        for version in ("2.0.9", "2.1.0", "2.10.0-beta.1", "v3"):
+            response = await client.get("/api/features", params={"appVersion": version})
+            assert 200 == response.status_code, response.text
+            answers[version] = response.json()["flags"][key]["enabled"]
+        without = (await client.get("/api/features")).json()["flags"][key]["enabled"]
+
+        assert {"2.0.9": False, "2.1.0": True, "2.10.0-beta.1": True, "v3": False} == answers
+        assert without is False
+
+    @pytest.mark.parametrize("bad", ["", "latest", "1..2", "1.2.3-", "1" * 65, "1.0 OR 1=1"])
+    async def test_bad_app_version_is_422(self, client, bad):
+        """An ``appVersion`` that is no version is 422 INVALID_INPUT on the query parameter."""
+        response = await client.get("/api/features", params={"appVersion": bad})
+        assert (422, "INVALID_INPUT") == (response.status_code, response.json()["code"])
+        assert response.headers["content-type"].startswith("application/problem+json")
+        assert ["query.appVersion"] == [error["field"] for error in response.json()["errors"]]

@@ -14,6 +14,7 @@ from bastion.errors import InvalidInput
 from bastion.flags._dependencies import (
     CurrentFlags,
     FlagContext,
+    add_context_builder,
     context_from_mapping,
     feature_required,
 )
@@ -121,6 +122,74 @@ class TestFeatureRequired:
         assert True is checked["beta"]
         assert checked["revision"] > 0
         assert 404 == switched_off.status_code
+
+
+class TestContextBuilders:
+    async def test_builders_add_attributes_everywhere_the_context_is_built(self, sqlite_url):
+        """An app's builders (sync and async) reach FlagContext, dark routes and /api/features."""
+        app = make_app(sqlite_url)
+        emails = {}
+
+        def plan(connection, context):
+            context.properties["plan"] = connection.headers.get("x-plan", "free")
+
+        async def email(connection, context):
+            context.email = emails.get(context.user_id)
+            context.app_version = connection.headers.get("x-app-version")
+
+        add_context_builder(app, plan)
+        add_context_builder(app, email)
+        async with lifespan_client(app) as client:
+            admin = await member(app, "admin")
+            emails[str(admin.user_id)] = "ada@staff.example.org"
+            body = (await client.get("/context", headers={**admin.headers, "x-plan": "pro"})).json()
+            staff_only = {
+                "context": "emailDomain",
+                "operator": "IN",
+                "values": ["staff.example.org"],
+            }
+            for key in ("beta", "client-beta"):
+                flag = {
+                    "key": key,
+                    "enabled": True,
+                    "client_visible": True,
+                    "rules": [{"constraints": [staff_only]}],
+                }
+                created = await client.post("/admin/features", json=flag, headers=OPERATOR)
+                assert 201 == created.status_code, created.text
+            dark = await client.get("/beta", headers=admin.headers)
+            anonymous_dark = await client.get("/beta")
+            features = (await client.get("/api/features", headers=admin.headers)).json()["flags"]
+            newer = {"context": "appVersion", "operator": "SEMVER_GTE", "value": "9.0.0"}
+            flag = {"key": "v9", "enabled": True, "client_visible": True}
+            flag["rules"] = [{"constraints": [newer]}]
+            assert (
+                201
+                == (await client.post("/admin/features", json=flag, headers=OPERATOR)).status_code
+            )
+            # The app's version wins over the one the query claims; a bad claim is still 422.
+            pinned = await client.get(
+                "/api/features", params={"appVersion": "1.0.0"}, headers={"x-app-version": "9.0.0"}
+            )
+            bad = await client.get(
+                "/api/features",
+                params={"appVersion": "nonsense!"},
+                headers={"x-app-version": "9.0.0"},
+            )
+
+        assert ("ada@staff.example.org", {"plan": "pro"}) == (body["email"], body["properties"])
+        assert (200, 404) == (dark.status_code, anonymous_dark.status_code)
+        assert features["client-beta"]["enabled"] is True
+        assert pinned.json()["flags"]["v9"]["enabled"] is True
+        assert 422 == bad.status_code
+
+    async def test_principal_carries_no_email(self, sqlite_url):
+        """Without a builder, no e-mail is set: bastion's credentials carry none."""
+        app = make_app(sqlite_url)
+        async with lifespan_client(app) as client:
+            admin = await member(app, "admin")
+            body = (await client.get("/context", headers=admin.headers)).json()
+        assert (str(admin.user_id), None) == (body["user_id"], body["email"])
 
 
 class TestContextFromMapping:

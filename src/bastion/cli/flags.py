@@ -2,7 +2,10 @@
 
 Every verb loads the app (``--app``) for its settings and works on its database
 through the flag store, as ``/admin/features`` does: every write is versioned
-and audited (the actor is the system job ``cli``), and announced to the running
+and audited (the actor is the system job ``cli``; ``--operator NAME``, by default
+the OS user, is recorded beside it as the operator's claimed name: the audit
+event's ``details.operator``, and ``system:cli (claimed: NAME)`` as the change's
+who), and announced to the running
 instances over Redis when one is configured (the store's change hook publishes
 it); without Redis they see it at their next poll (``flags.poll_interval``).
 
@@ -13,6 +16,7 @@ flag or file), 2 the app, its configuration or its database cannot be used.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import sys
 from collections.abc import Awaitable, Callable
@@ -27,6 +31,7 @@ from bastion.cli import app
 from bastion.cli._app import fail, load_runtime
 from bastion.cli._identity import CLI_ACTOR, run_database_command
 from bastion.errors import ConfigurationError, InvalidInput, NotFound
+from bastion.flags._build import flags_environment
 from bastion.flags._dependencies import context_from_mapping
 from bastion.flags._document import (
     dump_document,
@@ -36,6 +41,7 @@ from bastion.flags._document import (
     validation_errors,
 )
 from bastion.flags._model import Flag
+from bastion.flags._store import check_operator
 from bastion.observability import configure_logging
 from bastion.settings import load_settings
 
@@ -51,6 +57,7 @@ __all__ = [
     "get",
     "import_file",
     "list_flags",
+    "operator_name",
     "read_document",
     "set_flag",
     "toggle",
@@ -76,6 +83,15 @@ AppOption = Annotated[
     ),
 ]
 JsonOutput = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+OperatorOption = Annotated[
+    str | None,
+    typer.Option(
+        "--operator",
+        metavar="NAME",
+        help="Your name, recorded with the change as claimed (not checked); default: the OS user.",
+        show_default=False,
+    ),
+]
 IfVersion = Annotated[
     int | None,
     typer.Option(
@@ -84,6 +100,26 @@ IfVersion = Annotated[
         help="Change the flag only if it is still at version N (else exit 1).",
     ),
 ]
+
+
+def operator_name(given: str | None) -> str | None:
+    """The operator's name a write records: ``given``, else the OS user's, else none.
+
+    Raises:
+        typer.Exit: 2 when ``given`` is not a name (empty, several lines, over 128
+            characters or unprintable).
+    """
+    if given is not None:
+        try:
+            return check_operator(given, field="--operator")
+        except InvalidInput:
+            raise fail("--operator is 1 to 128 printable characters on one line") from None
+    try:
+        return check_operator(getpass.getuser())
+    except (OSError, KeyError, InvalidInput):
+        # No user name to be had (a container's uid without a passwd entry), or one
+        # that is not a name: the change is recorded without one, not refused.
+        return None
 
 
 def read_document(path: Path | str) -> Any:
@@ -230,6 +266,7 @@ def set_flag(
         str | None, typer.Option("--data", metavar="JSON", help="The flag as a JSON object.")
     ] = None,
     if_version: IfVersion = None,
+    operator: OperatorOption = None,
     spec: AppOption = None,
     as_json: JsonOutput = False,
 ) -> None:
@@ -239,6 +276,7 @@ def set_flag(
     (said on stderr); with it, only if it is still at that version.
     """
     flag = _flag_from(key, file, document)
+    claimed = operator_name(operator)
 
     async def run(_runtime: Bastion, store: FlagStore) -> tuple[StoredFlag, bool]:
         try:
@@ -246,14 +284,17 @@ def set_flag(
         except NotFound:
             if if_version is not None:
                 raise
-            return await store.create(flag, actor=CLI_ACTOR), True
+            return await store.create(flag, actor=CLI_ACTOR, operator=claimed), True
         if if_version is None:
             typer.echo(
                 f"bastion: replacing {key!r} at version {current.version} without a version "
                 "check (--if-version N makes it conditional)",
                 err=True,
             )
-        return await store.update(flag, expected_version=if_version, actor=CLI_ACTOR), False
+        stored = await store.update(
+            flag, expected_version=if_version, actor=CLI_ACTOR, operator=claimed
+        )
+        return stored, False
 
     stored, created = _run_with_store(spec, run)
     if as_json:
@@ -288,15 +329,19 @@ def toggle(
     state: Annotated[str, typer.Argument(metavar="on|off", help="Switch it on or off.")],
     *,
     if_version: IfVersion = None,
+    operator: OperatorOption = None,
     spec: AppOption = None,
     as_json: JsonOutput = False,
 ) -> None:
     """Switch a flag on or off for everyone (its kill switch)."""
     if state not in ("on", "off"):
         raise fail(f"the state is on or off, not {state!r}")
+    claimed = operator_name(operator)
 
     async def run(_runtime: Bastion, store: FlagStore) -> StoredFlag:
-        return await store.toggle(key, state == "on", expected_version=if_version, actor=CLI_ACTOR)
+        return await store.toggle(
+            key, state == "on", expected_version=if_version, actor=CLI_ACTOR, operator=claimed
+        )
 
     stored = _run_with_store(spec, run)
     if as_json:
@@ -323,6 +368,7 @@ def import_file(
             help="Import only if the flags are still at revision N, as exported (else exit 1).",
         ),
     ] = None,
+    operator: OperatorOption = None,
     spec: AppOption = None,
     as_json: JsonOutput = False,
 ) -> None:
@@ -333,15 +379,19 @@ def import_file(
     """
     try:
         document = read_document(file)
+        environment = flags_environment(load_settings())
     except (OSError, ValueError) as exc:
         raise fail(str(exc), 1) from None
+    except ConfigurationError as exc:
+        raise fail(str(exc)) from None
     try:
-        flags, segments = parse_document(document, field=str(file))
+        flags, segments = parse_document(document, field=str(file), environment=environment)
     except InvalidInput as exc:
         details = "; ".join(f"{error.field}: {error.message}" for error in exc.errors[:20])
         raise fail(f"{exc.detail} {details}".strip(), 1) from None
 
     fields = import_fields(document)
+    claimed = operator_name(operator)
 
     async def run(_runtime: Bastion, store: FlagStore) -> ImportReport:
         return await store.import_flags(
@@ -351,6 +401,7 @@ def import_file(
             replace=replace,
             fields=fields,
             expected_revision=if_revision,
+            operator=claimed,
         )
 
     summary = _report_json(_run_with_store(spec, run))

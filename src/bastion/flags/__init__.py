@@ -9,8 +9,10 @@ the OpenFeature API.
 
 from bastion.flags._build import FlagsRuntime, flags_runtime
 from bastion.flags._dependencies import (
+    ContextBuilder,
     CurrentFlags,
     FlagContext,
+    add_context_builder,
     current_flags,
     feature_required,
     flag_context,
@@ -44,11 +46,17 @@ from bastion.flags._model import (
 )
 from bastion.flags._provider import BastionProvider
 from bastion.flags._store import FlagChange, FlagStore, ImportReport, StoredFlag, StoredSegment
-from bastion.flags._unleash import flags_from_unleash, is_unleash_state, to_unleash
+from bastion.flags._unleash import (
+    flags_from_unleash,
+    is_unleash_export,
+    is_unleash_state,
+    to_unleash,
+)
 
 __all__ = [
     "BastionProvider",
     "Constraint",
+    "ContextBuilder",
     "CurrentFlags",
     "Evaluation",
     "EvaluationContext",
@@ -81,11 +89,13 @@ __all__ = [
     "Variant",
     "VariantOverride",
     "VariantPayload",
+    "add_context_builder",
     "current_flags",
     "feature_required",
     "flag_context",
     "flags_from_unleash",
     "flags_runtime",
+    "is_unleash_export",
     "is_unleash_state",
     "to_unleash",
 ]

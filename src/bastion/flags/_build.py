@@ -100,9 +100,14 @@ class FlagsRuntime:
         await self.sync.fresh_check()
 
 
+def flags_environment(settings: Settings) -> str:
+    """The environment flags evaluate in, and whose part of an Unleash export is read."""
+    return settings.flags.environment or settings.environment
+
+
 def _compiler(settings: Settings) -> Compiler:
     section = settings.flags
-    environment = section.environment or settings.environment
+    environment = flags_environment(settings)
 
     def compile_set(
         flags: list[Flag], segments: list[Segment], revision: int, now: dt.datetime
@@ -120,8 +125,11 @@ def _compiler(settings: Settings) -> Compiler:
     return compile_set
 
 
-def load_seed(path: Path) -> tuple[list[Flag], list[Segment]]:
-    """Read a seed file: YAML or JSON, an Unleash state (``features``) or bastion's document.
+def load_seed(path: Path, environment: str | None = None) -> tuple[list[Flag], list[Segment]]:
+    """Read a seed file: YAML or JSON, an Unleash state or export, or bastion's document.
+
+    ``environment`` picks an Unleash export's environment (an export of one is read
+    whatever it is called).
 
     Raises:
         ConfigurationError: the file cannot be read or parsed, or holds invalid flags
@@ -134,7 +142,7 @@ def load_seed(path: Path) -> tuple[list[Flag], list[Segment]]:
     except ValueError as exc:
         raise ConfigurationError(f"flags.seed_file {exc}") from exc
     try:
-        return parse_document(document, field="seed_file")
+        return parse_document(document, field="seed_file", environment=environment)
     except BastionError as exc:
         problems = "; ".join(
             f"{error.field}: {error.message}" for error in getattr(exc, "errors", ())[:10]
@@ -167,7 +175,11 @@ def build_flags(
         ConfigurationError: the seed file cannot be read or is invalid.
     """
     section = settings.flags
-    seed = load_seed(section.seed_file) if section.seed_file is not None else None
+    seed = (
+        load_seed(section.seed_file, flags_environment(settings))
+        if section.seed_file is not None
+        else None
+    )
     store = FlagStore(database, audit=audit) if database is not None else None
     notifier = None
     if redis is not None and store is not None:

@@ -20,12 +20,16 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from operator import eq, ge, gt, le, lt
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import regex
 import semver
 
-from bastion.flags._model import Constraint
+from bastion.flags._evaluation import EMAIL_DOMAIN, email_domain
+
+if TYPE_CHECKING:
+    # Only a type here: the model imports this module's parsers to validate operands.
+    from bastion.flags._model import Constraint
 
 __all__ = [
     "ALWAYS",
@@ -35,6 +39,10 @@ __all__ = [
     "RegexTimeout",
     "compile_constraint",
     "parse_datetime",
+    "parse_network",
+    "parse_number",
+    "parse_version",
+    "regex_problem",
     "text_of",
 ]
 
@@ -132,7 +140,8 @@ def parse_datetime(value: Any) -> dt.datetime | None:
     return moment
 
 
-def _number(value: Any) -> float | None:
+def parse_number(value: Any) -> float | None:
+    """A number as Unleash's SDKs read one (JavaScript's ``Number()``); ``None`` when not."""
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
@@ -152,7 +161,8 @@ def _number(value: Any) -> float | None:
     return None if math.isnan(number) else number
 
 
-def _version(value: Any) -> semver.Version | None:
+def parse_version(value: Any) -> semver.Version | None:
+    """A semantic version (``1.2.3-beta.1``); ``None`` when ``value`` is not one."""
     if not isinstance(value, str):
         return None
     try:
@@ -161,7 +171,8 @@ def _version(value: Any) -> semver.Version | None:
         return None
 
 
-def _network(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+def parse_network(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    """A network (``10.0.0.0/8``) or an address (a /32 or /128); ``None`` when neither."""
     try:
         return ipaddress.ip_network(entry.strip(), strict=False)
     except ValueError:
@@ -181,15 +192,31 @@ def _address(value: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None
     return address
 
 
-def compile_regex(pattern: str, *, case_insensitive: bool) -> Any:
-    """The compiled pattern, or ``None`` when Unleash's SDKs would reject it."""
-    if _UNSUPPORTED_REGEX.search(pattern):
-        return None
+def _regex(pattern: str, *, case_insensitive: bool) -> tuple[Any, str | None]:
+    """The compiled pattern and ``None``, or ``None`` and why Unleash's SDKs would reject it."""
+    if not pattern:
+        return None, "the pattern is empty"
+    unsupported = _UNSUPPORTED_REGEX.search(pattern)
+    if unsupported is not None:
+        return None, (
+            f"{unsupported.group()!r} is not supported (no look-around, backreferences,"
+            " atomic groups, possessive quantifiers, recursion or conditionals)"
+        )
     flags = regex.VERSION0 | (regex.IGNORECASE if case_insensitive else 0)
     try:
-        return regex.compile(pattern, flags)
-    except (regex.error, ValueError, TypeError, OverflowError):
-        return None
+        return regex.compile(pattern, flags), None
+    except (regex.error, ValueError, TypeError, OverflowError) as exc:
+        return None, str(exc)
+
+
+def compile_regex(pattern: str, *, case_insensitive: bool) -> Any:
+    """The compiled pattern, or ``None`` when Unleash's SDKs would reject it."""
+    return _regex(pattern, case_insensitive=case_insensitive)[0]
+
+
+def regex_problem(pattern: str) -> str | None:
+    """Why ``pattern`` can never match (it does not compile, as Unleash's SDKs read it), or None."""
+    return _regex(pattern, case_insensitive=False)[1]
 
 
 def compile_constraint(
@@ -212,7 +239,7 @@ def compile_constraint(
     Returns:
         The predicate; it raises only :class:`RegexTimeout`.
     """
-    return _compile(
+    predicate = _compile(
         name=constraint.context,
         operator=str(constraint.operator),
         values=constraint.values,
@@ -224,6 +251,27 @@ def compile_constraint(
         now=now,
         on_error=on_error,
     )
+    if constraint.context == EMAIL_DOMAIN:
+        return _with_email_domain(predicate)
+    return predicate
+
+
+def _with_email_domain(predicate: Predicate) -> Predicate:
+    """``predicate`` over a context whose ``emailDomain``, when absent, comes from ``email``.
+
+    Done here rather than when the context is flattened so that dict and Unleash-shaped
+    contexts get it too, and only flags that constrain the domain pay for it.
+    """
+
+    def derived(context: Mapping[str, Any]) -> bool:
+        if EMAIL_DOMAIN in context:
+            return predicate(context)
+        domain = email_domain(context.get("email"))
+        if domain is None:
+            return predicate(context)
+        return predicate({**context, EMAIL_DOMAIN: domain})
+
+    return derived
 
 
 def _compile(  # noqa: PLR0911, PLR0912, PLR0915 -- one dispatch over the operators
@@ -303,12 +351,12 @@ def _compile(  # noqa: PLR0911, PLR0912, PLR0915 -- one dispatch over the operat
 
     if operator in _NUMBER_OPERATORS:
         compare = _NUMBER_OPERATORS[operator]
-        bound = _number(value)
+        bound = parse_number(value)
         if bound is None:
             return _inverted_constant(False, inverted)
 
         def numbers(context: Mapping[str, Any]) -> bool:
-            number = _number(context.get(name, default))
+            number = parse_number(context.get(name, default))
             return (number is not None and compare(number, bound)) != inverted
 
         return numbers
@@ -333,12 +381,12 @@ def _compile(  # noqa: PLR0911, PLR0912, PLR0915 -- one dispatch over the operat
 
     if operator in _SEMVER_OPERATORS:
         verdict = _SEMVER_OPERATORS[operator]
-        target = _version(value)
+        target = parse_version(value)
         if target is None:
             return _inverted_constant(False, inverted)
 
         def versions(context: Mapping[str, Any]) -> bool:
-            version = _version(context.get(name, default))
+            version = parse_version(context.get(name, default))
             # semver's compare() ignores build metadata, as the specification wants.
             return (version is not None and verdict(version.compare(target))) != inverted
 
@@ -374,7 +422,7 @@ def _compile(  # noqa: PLR0911, PLR0912, PLR0915 -- one dispatch over the operat
         return regexes
 
     if operator == "IN_CIDR":
-        networks = tuple(n for n in map(_network, values) if n is not None)
+        networks = tuple(n for n in map(parse_network, values) if n is not None)
 
         def cidrs(context: Mapping[str, Any]) -> bool:
             field = context.get(name, default)

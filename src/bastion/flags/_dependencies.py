@@ -9,13 +9,24 @@ Example:
     >>> @app.get("/v1/home")
     ... async def home(flags: CurrentFlags, context: FlagContext) -> dict[str, bool]:
     ...     return {"beta": flags.is_enabled("beta", context)}
+
+An app adds attributes of its own to every request's context (``FlagContext``,
+:func:`feature_required` and ``GET /api/features`` alike) with
+:func:`add_context_builder`::
+
+    >>> async def plan(connection: HTTPConnection, context: EvaluationContext) -> None:
+    ...     context.email = await emails.of(context.user_id)
+    ...     context.properties["plan"] = await plans.of(context.tenant_id)
+    >>>
+    >>> add_context_builder(app, plan)
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import inspect
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Annotated, Any, Final
+from typing import TYPE_CHECKING, Annotated, Any, Final, TypeAlias
 
 from fastapi import Depends
 from starlette.requests import HTTPConnection
@@ -28,9 +39,14 @@ from bastion.flags._flags import Flags
 from bastion.flags._model import CONTEXT_ALIASES
 from bastion.identity import current_principal
 
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
 __all__ = [
+    "ContextBuilder",
     "CurrentFlags",
     "FlagContext",
+    "add_context_builder",
     "context_from_mapping",
     "current_flags",
     "feature_required",
@@ -50,6 +66,40 @@ _ID_FIELDS: Final = {
 """Canonical context names held in a string attribute of :class:`EvaluationContext`."""
 _TEXT_MAX: Final = 1024
 """Longest context value accepted from a request body: a context is ids and names."""
+_BUILDERS: Final = "bastion_flag_context_builders"
+"""Where an app's context builders are kept (``app.state``)."""
+
+ContextBuilder: TypeAlias = Callable[[HTTPConnection, EvaluationContext], Awaitable[None] | None]
+"""Adds an app's attributes to a request's evaluation context, in place."""
+
+
+def add_context_builder(app: Starlette, builder: ContextBuilder) -> None:
+    """Have ``builder`` add attributes to the evaluation context of every request of ``app``.
+
+    :func:`flag_context` (so ``FlagContext``, :func:`feature_required` and
+    ``GET /api/features``) calls the builders, in the order they were added,
+    with the request and the context it built (user, session, tenant, roles,
+    address, environment, app name), before the client route reads its query.
+    A builder sets fields (``email``, ``app_version``...) or adds to
+    ``properties``; it may be a coroutine function. What it raises reaches the
+    caller as raised (a :class:`~bastion.errors.BastionError` renders as its
+    problem), so it should be quick and not fail on a missing attribute.
+
+    Args:
+        app: the app (``bastion.install``'s, or the one ``create_app`` made).
+        builder: ``(connection, context) -> None``, sync or async.
+
+    Example:
+        >>> def plan(connection: HTTPConnection, context: EvaluationContext) -> None:
+        ...     context.properties["plan"] = connection.headers.get("x-plan", "free")
+        >>>
+        >>> add_context_builder(app, plan)
+    """
+    builders: list[ContextBuilder] | None = getattr(app.state, _BUILDERS, None)
+    if builders is None:
+        builders = []
+        setattr(app.state, _BUILDERS, builders)
+    builders.append(builder)
 
 
 async def current_flags(connection: HTTPConnection) -> Flags:
@@ -73,8 +123,9 @@ async def flag_context(connection: HTTPConnection) -> EvaluationContext:
     ``roles`` the roles its credential carries, ``remoteAddress`` the client
     address (as resolved through trusted proxies), and ``environment`` and
     ``appName`` those of the ``flags`` settings (``environment`` falling back to
-    the top-level one). Bastion's credentials carry no e-mail address; an app
-    that knows it sets ``email`` on a copy (``dataclasses.replace``).
+    the top-level one). Bastion's credentials carry no e-mail address (a
+    :class:`~bastion.identity.Principal` has none): an app that knows it sets
+    ``email`` in a context builder (:func:`add_context_builder`), which runs last.
 
     Returns:
         A new context; anonymous callers get one without ``userId``.
@@ -99,6 +150,10 @@ async def flag_context(connection: HTTPConnection) -> EvaluationContext:
         context.tenant_id = principal.tenant_id or context.tenant_id
         if principal.roles:
             context.roles = tuple(sorted(principal.roles))
+    for builder in getattr(connection.app.state, _BUILDERS, ()):
+        result = builder(connection, context)
+        if inspect.isawaitable(result):
+            await result
     return context
 
 

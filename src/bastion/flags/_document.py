@@ -1,4 +1,4 @@
-"""Whole flag sets as documents: bastion's export format, Unleash states, JSON and YAML text.
+"""Whole flag sets as documents: bastion's export format, Unleash states and exports, JSON and YAML.
 
 One reader for the seed file, the import route and ``bastion flags import``, and
 one writer for the export route and ``bastion flags export``, so the three agree on
@@ -20,6 +20,7 @@ from bastion.flags._unleash import UNLEASH_FIELDS, flags_from_unleash, is_unleas
 __all__ = [
     "DOCUMENT_VERSION",
     "ERRORS_MAX",
+    "EXPORT_ROWS_MAX",
     "FLAGS_MAX",
     "SEGMENTS_MAX",
     "dump_document",
@@ -55,25 +56,34 @@ FLAGS_MAX: Final = 10_000
 """Most flags one document may hold: far beyond any real set, and a bound on the work."""
 SEGMENTS_MAX: Final = 10_000
 """Most segments one document may hold."""
+EXPORT_ROWS_MAX: Final = 100_000
+"""Most strategy or environment rows one Unleash export may hold."""
 ERRORS_MAX: Final = 100
 """Field errors reported before parsing gives up: enough to fix, too few to flood."""
 
 
-def parse_document(document: Any, *, field: str = "body") -> tuple[list[Flag], list[Segment]]:
-    """Read an import: an Unleash state (``features``) or a bastion document (``flags``).
+def parse_document(
+    document: Any, *, field: str = "body", environment: str | None = None
+) -> tuple[list[Flag], list[Segment]]:
+    """Read an import: an Unleash state or export (``features``) or a bastion document (``flags``).
 
     A bare list is a list of bastion flags.
 
     Args:
         document: the parsed JSON (or YAML).
         field: where it came from, for error locations.
+        environment: which environment of an Unleash export to read when it holds
+            several (the flags settings' ``environment``); an export of one
+            environment is read whatever its name.
 
     Raises:
         InvalidInput: it is neither, it holds more than :data:`FLAGS_MAX` flags or
             :data:`SEGMENTS_MAX` segments, or a flag or segment in it is invalid
             (one field error per problem, located by position; parsing stops
             after :data:`ERRORS_MAX`). An Unleash state is read strictly: what
-            bastion cannot translate faithfully is an error, not a guess.
+            bastion cannot translate faithfully is an error, not a guess; so is
+            an export holding several environments none of which is
+            ``environment`` (the error names them).
     """
     if isinstance(document, list):
         document = {"flags": document}
@@ -85,8 +95,11 @@ def parse_document(document: Any, *, field: str = "body") -> tuple[list[Flag], l
     many = "features" if unleash else "flags"
     _check_size(document.get(many), FLAGS_MAX, f"{field}.{many}")
     _check_size(document.get("segments"), SEGMENTS_MAX, f"{field}.segments")
+    for part in ("featureStrategies", "featureEnvironments"):
+        # An export's rows: a few per flag, and each environment's once more.
+        _check_size(document.get(part), EXPORT_ROWS_MAX, f"{field}.{part}")
     if unleash:
-        return _from_unleash(document, field)
+        return _from_unleash(document, field, environment)
     if "flags" not in document:
         raise InvalidInput(
             errors=[
@@ -110,7 +123,7 @@ def parse_document(document: Any, *, field: str = "body") -> tuple[list[Flag], l
 def import_fields(document: Any) -> frozenset[str] | None:
     """The fields an import of ``document`` may set on a flag that exists already.
 
-    An Unleash state says nothing of bastion's own fields (type, default, tags,
+    An Unleash state or export says nothing of bastion's own fields (type, default, tags,
     client visibility, tenant overrides, schedule), so merging one keeps those
     of the stored flag (:data:`~bastion.flags._unleash.UNLEASH_FIELDS`); a bastion
     document sets every field (``None``).
@@ -156,9 +169,11 @@ def _capped(errors: list[FieldError], field: str) -> list[FieldError]:
     return [*errors[:ERRORS_MAX], stopped]
 
 
-def _from_unleash(state: dict[str, Any], field: str) -> tuple[list[Flag], list[Segment]]:
+def _from_unleash(
+    state: dict[str, Any], field: str, environment: str | None
+) -> tuple[list[Flag], list[Segment]]:
     try:
-        return flags_from_unleash(state, strict=True)
+        return flags_from_unleash(state, strict=True, environment=environment)
     except ValidationError as exc:
         raise InvalidInput(
             "The Unleash state has invalid features.",

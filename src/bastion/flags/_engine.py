@@ -76,9 +76,11 @@ def variant_hash(group: str, value: str, total: int) -> int:
 def _log_error(key: str, code: str, message: str) -> None:
     """Log an evaluation error, at most once a minute per flag, without context values."""
     moment = time.monotonic()
-    if moment - _last_logged.get(key, -_LOG_INTERVAL) >= _LOG_INTERVAL:
-        # Bounded: keys are flag keys or the one "<unknown>" bucket.
-        _last_logged[key if len(_last_logged) < _LOGGED_KEYS_MAX else UNKNOWN_KEY] = moment
+    # Bounded: keys are flag keys, and once the table is full new ones share the one
+    # "<unknown>" slot (and its once a minute).
+    slot = key if key in _last_logged or len(_last_logged) < _LOGGED_KEYS_MAX else UNKNOWN_KEY
+    if moment - _last_logged.get(slot, -_LOG_INTERVAL) >= _LOG_INTERVAL:
+        _last_logged[slot] = moment
         logger.warning("flags.evaluation_error", flag=key, error_code=code, error=message)
 
 
@@ -554,6 +556,9 @@ class FlagSet:
     def from_unleash(cls, state: Mapping[str, Any], **options: Any) -> FlagSet:
         """Compile Unleash's client state (``/api/client/features``, segments included).
 
+        An Unleash export (``featureStrategies``, ``featureEnvironments``) is read too,
+        for ``environment`` when it holds several.
+
         This is the entry point the Unleash conformance suite and operators' scripts
         use; contexts are then Unleash's shape (``userId``, ``sessionId``,
         ``remoteAddress``, ``environment``, ``appName``, ``currentTime``,
@@ -567,7 +572,7 @@ class FlagSet:
         Returns:
             The compiled set.
         """
-        flags, segments = flags_from_unleash(state)
+        flags, segments = flags_from_unleash(state, environment=options.get("environment"))
         return cls.from_flags(flags, segments, **options)
 
     # ----------------------------------------------------------------- reading

@@ -6,9 +6,19 @@ import datetime as dt
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
-__all__ = ["Evaluation", "EvaluationContext", "Reason"]
+__all__ = ["EMAIL_DOMAIN", "Evaluation", "EvaluationContext", "Reason", "email_domain"]
+
+EMAIL_DOMAIN: Final = "emailDomain"
+"""The context field derived from ``email`` when a context does not give it."""
+
+
+def email_domain(email: Any) -> str | None:
+    """The lower-cased domain of an ``email`` context value; ``None`` when it has none."""
+    if not isinstance(email, str) or "@" not in email:
+        return None
+    return email.rpartition("@")[2].lower()
 
 
 class Reason(enum.StrEnum):
@@ -40,7 +50,7 @@ class Evaluation:
         rule: what decided: ``"rules[0]"`` or the rule's id, ``"tenant:<id>"``,
             ``"prerequisite:<key>"``, ``"variant-override"``; ``None`` when nothing matched.
         error_code: with reason ``ERROR``, OpenFeature's code: ``FLAG_NOT_FOUND``,
-            ``TYPE_MISMATCH``, ``PARSE_ERROR``, ``GENERAL``.
+            ``TYPE_MISMATCH``, ``INVALID_CONTEXT``, ``PARSE_ERROR``, ``GENERAL``.
         error_message: with reason ``ERROR``, a message without context values.
         enabled: whether the flag is on for the context (``value`` of a boolean flag).
     """
@@ -117,7 +127,9 @@ class EvaluationContext:
             email = self.email
             if email is not None:
                 flat["email"] = email
-                if "@" in email:
-                    flat["emailDomain"] = email.rpartition("@")[2].lower()
+                domain = email_domain(email)
+                # An emailDomain given among the properties is the caller's word: kept.
+                if domain is not None and EMAIL_DOMAIN not in flat:
+                    flat[EMAIL_DOMAIN] = domain
             self._flat = flat
         return flat

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from bastion.flags._engine import FlagSet
+from bastion.flags._engine import FlagSet, _log_error
 from bastion.flags._evaluation import Evaluation, EvaluationContext, Reason
 from bastion.flags._model import Flag, FlagType
 
@@ -17,6 +17,9 @@ UNKNOWN_FLAG: Final = "<unknown>"
 """The key evaluations of missing flags are counted under: a caller asking for
 arbitrary keys cannot grow the metric's label set."""
 _NO_DEFAULT: Any = object()
+_LOGGED_HERE: Final = frozenset({"FLAG_NOT_FOUND", "TYPE_MISMATCH", "INVALID_CONTEXT"})
+"""Error codes found outside the engine, so logged here; the engine logs its own
+(``PARSE_ERROR``, ``GENERAL``) where they happen."""
 
 
 def _fits(kind: FlagType, value: Any) -> bool:
@@ -78,7 +81,12 @@ class Flags:
 
     def _counted(self, evaluation: Evaluation) -> Evaluation:
         key = evaluation.key
-        if evaluation.error_code == "FLAG_NOT_FOUND":
+        code = evaluation.error_code
+        if code in _LOGGED_HERE:
+            # The message names the flag and the kind of fault, never a context value;
+            # logged at most once a minute per flag (shared with the engine's errors).
+            _log_error(key, code, evaluation.error_message or code)
+        if code == "FLAG_NOT_FOUND":
             key = UNKNOWN_FLAG
         self._count(key, evaluation.reason)
         return evaluation
@@ -89,7 +97,12 @@ class Flags:
         """Whether the flag is on for the context; ``False`` when there is no such flag."""
         flag_set = self._set
         enabled, reason = flag_set.decide(key, context)
-        self._count(key if reason is not Reason.ERROR or key in flag_set else UNKNOWN_FLAG, reason)
+        if reason is Reason.ERROR and key not in flag_set:
+            # Any other ERROR was logged by the engine; a missing flag is found here.
+            _log_error(key, "FLAG_NOT_FOUND", f"no flag {key!r}")
+            self._count(UNKNOWN_FLAG, reason)
+        else:
+            self._count(key, reason)
         return enabled
 
     def evaluate(
@@ -110,19 +123,28 @@ class Flags:
         return self.evaluate(key, context)
 
     def details(
-        self, key: str, default: Any, context: Context = None, *, expected: FlagType | None = None
+        self,
+        key: str,
+        default: Any,
+        context: Context = None,
+        *,
+        expected: FlagType | None = None,
+        convert: Callable[[Any], Any] | None = None,
     ) -> Evaluation:
         """A typed evaluation, as OpenFeature resolves one.
 
         A boolean flag asked for another type serves its variant's value (Unleash's
         flags carry values as variant payloads). A value that is not of the
-        ``expected`` type gives ``default`` with reason ``ERROR`` and code ``TYPE_MISMATCH``.
+        ``expected`` type, or that ``convert`` refuses, gives ``default`` with reason
+        ``ERROR`` and code ``TYPE_MISMATCH`` (counted and logged as such).
 
         Args:
             key: the flag.
             default: the caller's default.
             context: who is asking.
             expected: the type the caller wants; ``None``: any.
+            convert: with ``expected``, narrows the value to what the caller takes
+                (an integer from a whole number); returns ``None`` for a value it cannot.
         """
         flag_set = self._set
         evaluation = flag_set.evaluate(key, context, default=default)
@@ -136,8 +158,15 @@ class Flags:
             )
             if value is None:
                 value = default
+        flag_type = flag.type if flag is not None else "unknown"
+        mismatch = None
         if not _fits(expected, value):
-            flag_type = flag.type if flag is not None else "unknown"
+            mismatch = f"flag {key!r} is a {flag_type} flag, asked for a {expected}"
+        elif convert is not None:
+            value = convert(value)
+            if value is None:
+                mismatch = f"flag {key!r} does not serve a {expected} of the kind asked for"
+        if mismatch is not None:
             evaluation = Evaluation(
                 key=key,
                 value=default,
@@ -145,12 +174,38 @@ class Flags:
                 reason=Reason.ERROR,
                 rule=evaluation.rule,
                 error_code="TYPE_MISMATCH",
-                error_message=f"flag {key!r} is a {flag_type} flag, asked for a {expected}",
+                error_message=mismatch,
                 enabled=evaluation.enabled,
             )
         elif value is not evaluation.value:
             evaluation = dataclasses.replace(evaluation, value=value)
         return self._counted(evaluation)
+
+    def failure(self, key: str, default: Any, code: str, message: str) -> Evaluation:
+        """An ``ERROR`` evaluation for a fault found before the engine ran, counted and logged.
+
+        For callers that check the context themselves (the OpenFeature provider's
+        ``INVALID_CONTEXT``), so that every ``ERROR`` shows in the metric and the log.
+
+        Args:
+            key: the flag asked for.
+            default: the caller's default, served.
+            code: OpenFeature's error code (``INVALID_CONTEXT``).
+            message: what went wrong, without context values (it is logged).
+        """
+        evaluation = Evaluation(
+            key=key,
+            value=default,
+            variant=None,
+            reason=Reason.ERROR,
+            error_code=code,
+            error_message=message,
+        )
+        # A key the set does not hold is counted under "<unknown>", as a missing flag is.
+        counted = key if key in self._set else UNKNOWN_FLAG
+        _log_error(key, code, message)
+        self._count(counted, Reason.ERROR)
+        return evaluation
 
     def get_boolean(self, key: str, default: bool, context: Context = None) -> bool:
         """The flag's boolean value; ``default`` when missing or not a boolean."""

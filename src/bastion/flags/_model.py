@@ -21,6 +21,7 @@ import datetime as dt
 import enum
 import math
 import unicodedata
+from collections.abc import Callable
 from typing import Annotated, Any, Final, Literal
 
 import orjson
@@ -29,13 +30,25 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
+    ValidationInfo,
     field_validator,
     model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from bastion.flags._constraints import (
+    parse_datetime,
+    parse_network,
+    parse_number,
+    parse_version,
+    regex_problem,
 )
 
 __all__ = [
     "CONTEXT_ALIASES",
     "FLAG_KEY_MAX",
+    "LENIENT_OPERANDS",
     "Constraint",
     "Flag",
     "FlagType",
@@ -153,6 +166,25 @@ def check_json_depth(value: Any, what: str = "the value") -> Any:
 ContextName = Annotated[str, AfterValidator(_context_name)]
 
 
+LENIENT_OPERANDS: Final[dict[str, Any]] = {"operands": "lenient"}
+"""Validation context that reads constraint operands as Unleash's SDKs do: a value that
+does not parse (a regular expression, a number, a date, a version, a network) makes the
+constraint never match instead of being refused.
+
+The Unleash reader builds its constraints with it, because the Unleash client
+specification requires this reading, and stored rows load with it: what was stored
+before the check existed, or came from an Unleash state, must still load
+(``Flag.model_validate(data, context=LENIENT_OPERANDS)``). Everything else (bastion's own
+documents on the admin routes, the CLI and the seed file, and ``Constraint(...)`` in
+code) refuses such values.
+"""
+
+
+def _lenient(info: ValidationInfo) -> bool:
+    context = info.context
+    return isinstance(context, dict) and context.get("operands") == "lenient"
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
 
@@ -213,6 +245,80 @@ SINGLE_VALUE_OPERATORS: Final = frozenset(
 )
 """Operators that compare against ``value`` rather than ``values``."""
 
+_NUMBER: Final = (parse_number, "invalid_number", "not a number (such as 42 or -1.5)")
+_DATE: Final = (
+    parse_datetime,
+    "invalid_date",
+    "not an ISO 8601 date and time (such as 2026-01-31T12:00:00Z)",
+)
+_SEMVER: Final = (
+    parse_version,
+    "invalid_semver",
+    "not a semantic version (such as 1.2.3 or 2.0.0-beta.1)",
+)
+_OPERAND_CHECKS: Final[dict[Operator, tuple[Callable[[str], object], str, str]]] = {
+    Operator.NUM_EQ: _NUMBER,
+    Operator.NUM_GT: _NUMBER,
+    Operator.NUM_GTE: _NUMBER,
+    Operator.NUM_LT: _NUMBER,
+    Operator.NUM_LTE: _NUMBER,
+    Operator.DATE_AFTER: _DATE,
+    Operator.DATE_BEFORE: _DATE,
+    Operator.SEMVER_EQ: _SEMVER,
+    Operator.SEMVER_GT: _SEMVER,
+    Operator.SEMVER_GTE: _SEMVER,
+    Operator.SEMVER_LT: _SEMVER,
+    Operator.SEMVER_LTE: _SEMVER,
+    Operator.IN_CIDR: (
+        parse_network,
+        "invalid_cidr",
+        "not an IP address or network (such as 10.0.0.0/8 or 2001:db8::/32)",
+    ),
+}
+"""Per operator: the parser the engine reads an operand with, and the error code and
+message when it cannot (REGEX is checked apart: its message says why)."""
+
+
+def _operand_problem(operator: Operator, operand: str) -> tuple[str, str] | None:
+    """The error code and message when ``operand`` can never match under ``operator``."""
+    if operator is Operator.REGEX:
+        why = regex_problem(operand)
+        if why is None:
+            return None
+        return "invalid_regex", f"not a regular expression Unleash's SDKs accept: {why}"
+    check = _OPERAND_CHECKS.get(operator)
+    if check is None:
+        return None
+    parse, code, message = check
+    return None if parse(operand) is not None else (code, message)
+
+
+def _checked_operand(operand: str | None, info: ValidationInfo) -> str | None:
+    """Refuse, in bastion's own format, an operand the engine would read as "never matches".
+
+    Only the field the operator reads is checked (``value``, or ``values`` for
+    ``IN_CIDR``), so each error is located at the offending item
+    (``rules.0.constraints.1.values.0``).
+    """
+    if operand is None or _lenient(info):
+        return operand
+    operator = info.data.get("operator")
+    if operator is None:
+        # The operator itself was refused; that error says enough.
+        return operand
+    reads_values = operator is Operator.IN_CIDR
+    if reads_values != (info.field_name == "values"):
+        return operand
+    problem = _operand_problem(operator, operand)
+    if problem is None:
+        return operand
+    code, message = problem
+    # The message goes through the context, so braces in it are never read as placeholders.
+    raise PydanticCustomError(code, "{message}", {"message": message})
+
+
+Operand = Annotated[str, AfterValidator(_checked_operand)]
+
 
 class Constraint(_Model):
     """One condition on the evaluation context.
@@ -227,10 +333,10 @@ class Constraint(_Model):
 
     context: ContextName
     operator: Operator
-    values: tuple[str, ...] = Field(default=(), max_length=VALUES_MAX)
-    value: str | None = None
-    inverted: bool = False
-    case_insensitive: bool = False
+    values: tuple[Operand, ...] = Field(default=(), max_length=VALUES_MAX)
+    value: Annotated[str | None, AfterValidator(_checked_operand)] = None
+    inverted: StrictBool = False
+    case_insensitive: StrictBool = False
 
     @model_validator(mode="after")
     def _operands(self) -> Constraint:
@@ -251,7 +357,7 @@ class Rollout(_Model):
     percentage: float = Field(default=100, ge=0, le=100)
     stickiness: ContextName = "default"
     """``default`` (``userId``, else ``sessionId``, else random), ``random``, or a context field."""
-    group_id: str | None = None
+    group_id: str | None = Field(default=None, max_length=FLAG_KEY_MAX)
     """Hashed with the stickiness value; ``None`` means the flag's key. Two flags with
     one group id bucket every user alike."""
 
@@ -342,7 +448,7 @@ class Rule(_Model):
     """``None``: everyone the constraints and segments admit."""
     variant: str | None = None
     variants: tuple[Variant, ...] = Field(default=(), max_length=VARIANTS_MAX)
-    disabled: bool = False
+    disabled: StrictBool = False
     """Kept but skipped (Unleash's ``disabled`` strategies)."""
     strategy: str | None = None
     """The Unleash strategy this rule was imported from when bastion cannot express it
@@ -361,7 +467,7 @@ class Prerequisite(_Model):
     """Another flag that must be on (or off) for this one to be on (Unleash's dependencies)."""
 
     flag: FlagKey
-    enabled: bool = True
+    enabled: StrictBool = True
     variants: tuple[str, ...] = ()
     """When given, the prerequisite must also serve one of these variants."""
 
@@ -369,7 +475,7 @@ class Prerequisite(_Model):
 class TenantOverride(_Model):
     """What one tenant gets, before any rule: on or off, and optionally a fixed variant."""
 
-    enabled: bool
+    enabled: StrictBool
     variant: str | None = None
 
 
@@ -381,7 +487,7 @@ class ScheduledChange(_Model):
     """
 
     at: dt.datetime
-    enabled: bool
+    enabled: StrictBool
 
     @field_validator("at")
     @classmethod
@@ -415,7 +521,7 @@ class Flag(_Model):
     description: str = Field(default="", max_length=2000)
     owner: str | None = Field(default=None, max_length=200)
     tags: tuple[Annotated[str, AfterValidator(_tag)], ...] = Field(default=(), max_length=TAGS_MAX)
-    enabled: bool = False
+    enabled: StrictBool = False
     """The kill switch: off, the flag serves ``default`` to everyone, overrides included."""
     default: Any = None
     """Served when the flag is off for a context; ``None``: ``False`` for a boolean flag."""
@@ -427,9 +533,9 @@ class Flag(_Model):
     )
     """Per-tenant overrides, by tenant id (at most 200 characters)."""
     schedule: tuple[ScheduledChange, ...] = ()
-    client_visible: bool = False
+    client_visible: StrictBool = False
     """Served by ``GET /api/features`` to front ends."""
-    impression_data: bool = False
+    impression_data: StrictBool = False
     """Kept from Unleash exports; bastion does not emit impression events."""
 
     @model_validator(mode="after")

@@ -132,26 +132,25 @@ class BastionProvider(AbstractProvider):
         try:
             translated = to_evaluation_context(context)
         except InvalidInput as exc:
+            # Counted and logged with the flag's key and the kind of fault only; the
+            # attribute names go back to the caller, who chose them.
+            failed = self._flags.failure(
+                key, default, "INVALID_CONTEXT", "unusable context attributes"
+            )
             names = ", ".join(error.field for error in exc.errors)
             return FlagResolutionDetails(
                 value=default,
                 reason=Reason.ERROR,
                 error_code=ErrorCode.INVALID_CONTEXT,
-                error_message=f"unusable context attributes: {names}",
+                error_message=f"{failed.error_message}: {names}",
             )
-        evaluation = self._flags.details(key, default, translated, expected=expected)
+        evaluation = self._flags.details(
+            key, default, translated, expected=expected, convert=convert
+        )
         if evaluation.reason == "ERROR":
             return _failed(evaluation, default)
-        value = convert(evaluation.value)
-        if value is None:
-            return FlagResolutionDetails(
-                value=default,
-                reason=Reason.ERROR,
-                error_code=ErrorCode.TYPE_MISMATCH,
-                error_message=f"flag {key!r} does not serve a {expected} of this kind",
-            )
         return FlagResolutionDetails(
-            value=value,
+            value=evaluation.value,
             reason=_REASONS.get(evaluation.reason, Reason.UNKNOWN),
             variant=evaluation.variant,
             flag_metadata=_metadata(evaluation),

@@ -7,9 +7,11 @@ For front ends (``flags.client_route``, anonymous callers allowed):
   ``304`` on a matching ``If-None-Match``, ``Cache-Control: private, no-cache``
   and ``Vary`` on the credentials' headers, so caches revalidate per caller.
   ``?sessionId=`` gives an anonymous visitor stable buckets in partial rollouts
-  (as Unleash's frontend API does); nothing else comes from the query: the
-  user, roles and tenant come from authentication, or a caller could claim
-  them and unlock flags targeted at others.
+  (as Unleash's frontend API does) and ``?appVersion=`` the front end's version
+  (semver rules); nothing else comes from the query: the user, roles and tenant
+  come from authentication, or a caller could claim them and unlock flags
+  targeted at others. An app adds attributes of its own with
+  :func:`~bastion.flags.add_context_builder`.
 
 For operators (behind the admin access policy, like every ``/admin`` route;
 ``flags.admin_routes``):
@@ -41,8 +43,12 @@ For operators (behind the admin access policy, like every ``/admin`` route;
   delete one that does.
 
 Every write is one transaction of the store (the row, its change record and
-its audit event, with the operator as actor) and reaches every instance within
-a second. Bad bodies are 422 ``INVALID_INPUT`` with one field error per problem.
+its audit event) and reaches every instance within a second. The actor is the
+identity principal the request authenticates (an API key in identity's API-key
+header beside the admin token), else ``system:operator``; with the shared admin
+token an operator may name themself in ``X-Operator`` (1 to 128 printable
+characters, one line; 422 otherwise), recorded as claimed, not authenticated.
+Bad bodies are 422 ``INVALID_INPUT`` with one field error per problem.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import hashlib
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 from urllib.parse import quote
@@ -74,6 +81,7 @@ from bastion.errors import (
     PreconditionFailed,
     PreconditionRequired,
 )
+from bastion.flags._build import flags_environment
 from bastion.flags._dependencies import context_from_mapping, flag_context
 from bastion.flags._document import (
     dump_document,
@@ -84,18 +92,21 @@ from bastion.flags._document import (
 from bastion.flags._errors import FlagVersionMismatch
 from bastion.flags._evaluation import EvaluationContext
 from bastion.flags._model import Flag, Segment
+from bastion.flags._store import check_operator
 from bastion.guard import limits
-from bastion.identity import Principal, current_principal
+from bastion.identity import InvalidApiKey, Principal, current_principal
 
 if TYPE_CHECKING:
     from bastion._access import AccessPolicy
     from bastion.flags._build import FlagsRuntime
     from bastion.flags._store import FlagChange, FlagStore, StoredFlag, StoredSegment
+    from bastion.identity import Identity
     from bastion.settings import Settings
 
 __all__ = [
     "FEATURES_PREFIX",
     "OPERATOR",
+    "OPERATOR_HEADER",
     "SEGMENTS_PREFIX",
     "admin_flag_routes",
     "client_flag_routes",
@@ -108,6 +119,8 @@ FEATURES_PREFIX: Final = "/admin/features"
 SEGMENTS_PREFIX: Final = "/admin/segments"
 OPERATOR: Final = Actor(ActorType.SYSTEM, "operator")
 """Who the audit trail says acted when an operator (admin token or network) called."""
+OPERATOR_HEADER: Final = "X-Operator"
+"""The name an operator with the shared admin token claims: recorded as claimed."""
 
 BODY_MAX: Final = 1 << 20
 """Largest flag or segment document accepted (1 MiB): far beyond any real flag."""
@@ -149,9 +162,11 @@ def client_flag_routes(runtime: FlagsRuntime, settings: Settings) -> list[BaseRo
         ``{"flags": {"<key>": {"enabled": bool, "variant": str | null, "value": ...}}}``.
         Revalidate with ``If-None-Match``: 304 while nothing the caller sees changed.
         ``sessionId`` (query) keeps an anonymous visitor in the same buckets of
-        partial rollouts; the user, roles and tenant come from the credentials only.
+        partial rollouts; ``appVersion`` (query) is the front end's version, for
+        rules with semver operators; the user, roles and tenant come from the
+        credentials only.
         """
-        context = _with_session(await flag_context(request), request)
+        context = _with_app_version(_with_session(await flag_context(request), request), request)
         evaluations = runtime.flags.client_flags(context)
         body = orjson.dumps(
             {
@@ -183,10 +198,11 @@ def client_flag_routes(runtime: FlagsRuntime, settings: Settings) -> list[BaseRo
                 "The client-visible flags, evaluated for the authenticated caller "
                 "(user, roles and tenant from the credentials, never from the query). "
                 "`sessionId` gives an anonymous visitor stable buckets in partial rollouts, "
-                "as Unleash's frontend API does."
+                "as Unleash's frontend API does; `appVersion` is the front end's version, "
+                "matched by rules on `appVersion` (semver operators)."
             ),
             tags=["features"],
-            openapi_extra={"parameters": [_SESSION_PARAMETER]},
+            openapi_extra={"parameters": [_SESSION_PARAMETER, _APP_VERSION_PARAMETER]},
             responses={
                 200: {
                     "description": "The flags, by key.",
@@ -228,6 +244,53 @@ def _with_session(context: EvaluationContext, request: Request) -> EvaluationCon
             ]
         )
     context.session_id = raw
+    return context
+
+
+_APP_VERSION_MAX: Final = 64
+"""Longest ``appVersion`` accepted: a version, not a document."""
+_APP_VERSION: Final = re.compile(
+    # A semantic version (pre-release and build included), or a plain one
+    # ("v2", "2024.12", "1.2.3.4"): what front ends put in their builds.
+    r"[vV]?(?:0|[1-9]\d*)(?:\.(?:0|[1-9]\d*)){0,3}"
+    r"(?:-[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?(?:\+[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?"
+)
+_APP_VERSION_PARAMETER: Final[dict[str, Any]] = {
+    "name": "appVersion",
+    "in": "query",
+    "required": False,
+    "description": (
+        "The front end's version (`1.4.2`, `2.0.0-beta.1`, `v3`): matched by rules on "
+        "`appVersion`, with the semver operators. A version set by the app's own "
+        "context builder wins."
+    ),
+    "schema": {"type": "string", "maxLength": _APP_VERSION_MAX},
+}
+
+
+def _with_app_version(context: EvaluationContext, request: Request) -> EvaluationContext:
+    """``context`` with the query's ``appVersion`` when the app set none.
+
+    It is the caller's claim, like ``sessionId``: it selects what a front end
+    build is shown, never who the caller is.
+    """
+    raw = request.query_params.get("appVersion")
+    if raw is None:
+        return context
+    # Checked even when the app's builder set a version: bad input is never dropped.
+    if len(raw) > _APP_VERSION_MAX or _APP_VERSION.fullmatch(raw) is None:
+        raise InvalidInput(
+            errors=[
+                FieldError(
+                    "query.appVersion",
+                    "invalid",
+                    f"appVersion must be a version (1.4.2, 2.0.0-beta.1, v3) of at most "
+                    f"{_APP_VERSION_MAX} characters.",
+                )
+            ]
+        )
+    if context.app_version is None:
+        context.app_version = raw
     return context
 
 
@@ -305,8 +368,9 @@ class FlagAdmin:
 
     async def create_flag(self, request: Request) -> Response:
         """``POST /admin/features``: a new flag (201); 409 when the key is taken."""
+        actor, operator = await _who(request)
         flag = _flag(await _body(request))
-        stored = await self._store.create(flag, actor=_actor())
+        stored = await self._store.create(flag, actor=actor, operator=operator)
         location = f"{FEATURES_PREFIX}/{quote(stored.flag.key, safe='')}"
         return _json(_flag_item(stored), status=201, etag=stored.etag, location=location)
 
@@ -319,6 +383,7 @@ class FlagAdmin:
 
     async def replace_flag(self, request: Request) -> Response:
         """``PUT /admin/features/{key}``: replace the flag whole (``If-Match`` required)."""
+        actor, operator = await _who(request)
         key = request.path_params["key"]
         body = await _body(request)
         if isinstance(body, dict) and isinstance(body.get("flag"), dict):
@@ -334,22 +399,28 @@ class FlagAdmin:
         version, etag = await self._precondition(request, await self._store.get(key))
         stored = await self._flag_write(
             key,
-            self._store.update(flag, expected_version=version, expected_etag=etag, actor=_actor()),
+            self._store.update(
+                flag, expected_version=version, expected_etag=etag, actor=actor, operator=operator
+            ),
         )
         return _json(_flag_item(stored), etag=stored.etag)
 
     async def delete_flag(self, request: Request) -> Response:
         """``DELETE /admin/features/{key}`` (``If-Match`` required): 204."""
+        actor, operator = await _who(request)
         key = request.path_params["key"]
         version, etag = await self._precondition(request, await self._store.get(key))
         await self._flag_write(
             key,
-            self._store.delete(key, expected_version=version, expected_etag=etag, actor=_actor()),
+            self._store.delete(
+                key, expected_version=version, expected_etag=etag, actor=actor, operator=operator
+            ),
         )
         return Response(status_code=204, headers={"cache-control": "no-store"})
 
     async def toggle(self, request: Request) -> Response:
         """``POST /admin/features/{key}/toggle`` ``{"enabled": bool}`` (``If-Match`` required)."""
+        actor, operator = await _who(request)
         key = request.path_params["key"]
         body = await _body(request)
         enabled = body.get("enabled") if isinstance(body, dict) else None
@@ -361,7 +432,12 @@ class FlagAdmin:
         stored = await self._flag_write(
             key,
             self._store.toggle(
-                key, enabled, expected_version=version, expected_etag=etag, actor=_actor()
+                key,
+                enabled,
+                expected_version=version,
+                expected_etag=etag,
+                actor=actor,
+                operator=operator,
             ),
         )
         return _json(_flag_item(stored), etag=stored.etag)
@@ -416,6 +492,7 @@ class FlagAdmin:
 
     async def import_flags(self, request: Request) -> Response:
         """``POST /admin/features/import?mode=merge|replace``: a whole set, one transaction."""
+        actor, operator = await _who(request)
         mode = request.query_params.get("mode", "merge")
         if mode not in ("merge", "replace"):
             raise InvalidInput(
@@ -425,12 +502,15 @@ class FlagAdmin:
         raw = await _raw_body(request, limit=IMPORT_MAX)
         # Thousands of flags take a while to validate: off the event loop, so the
         # instance keeps answering meanwhile.
-        flags, segments, fields = await asyncio.to_thread(_parse_import, raw)
+        flags, segments, fields = await asyncio.to_thread(
+            _parse_import, raw, flags_environment(self._runtime.settings)
+        )
         try:
             report = await self._store.import_flags(
                 flags,
                 segments,
-                actor=_actor(),
+                actor=actor,
+                operator=operator,
                 replace=mode == "replace",
                 fields=fields,
                 expected_revision=expected_revision,
@@ -458,6 +538,7 @@ class FlagAdmin:
 
     async def put_segment(self, request: Request) -> Response:
         """``PUT /admin/segments/{name}``: create it (201), or replace it (``If-Match``)."""
+        actor, operator = await _who(request)
         name = request.path_params["name"]
         body = await _body(request)
         if isinstance(body, dict) and isinstance(body.get("segment"), dict):
@@ -483,7 +564,11 @@ class FlagAdmin:
             version, etag = await self._precondition(request, current)
         try:
             stored = await self._store.put_segment(
-                segment, expected_version=version, expected_etag=etag, actor=_actor()
+                segment,
+                expected_version=version,
+                expected_etag=etag,
+                actor=actor,
+                operator=operator,
             )
         except FlagVersionMismatch as exc:
             raise await self._stale_segment(name, exc) from None
@@ -493,12 +578,13 @@ class FlagAdmin:
 
     async def delete_segment(self, request: Request) -> Response:
         """``DELETE /admin/segments/{name}`` (``If-Match`` required): 204; 409 while in use."""
+        actor, operator = await _who(request)
         name = request.path_params["name"]
         current = await self._store.get_segment(name)
         version, etag = await self._precondition(request, current)
         try:
             await self._store.delete_segment(
-                name, expected_version=version, expected_etag=etag, actor=_actor()
+                name, expected_version=version, expected_etag=etag, actor=actor, operator=operator
             )
         except FlagVersionMismatch as exc:
             raise await self._stale_segment(name, exc) from None
@@ -581,12 +667,57 @@ class FlagAdmin:
         return route
 
 
-def _actor() -> Actor:
-    """The principal identity bound, else the operator who passed the admin policy."""
-    principal = current_principal()
-    if principal is None:
-        return OPERATOR
-    return _actor_of(principal)
+async def _who(request: Request) -> tuple[Actor, str | None]:
+    """Who writes: ``(actor, claimed operator name)``.
+
+    The actor is the identity principal the request authenticates (bound by
+    identity, or an API key in identity's API-key header beside the admin token),
+    else :data:`OPERATOR`, with the name ``X-Operator`` claims, if any: the shared
+    admin token says nothing of who holds it, so the name is recorded as claimed.
+
+    Raises:
+        InvalidInput: ``X-Operator`` is not a name (422).
+        Unauthenticated: the API key sent does not authenticate (401): a write
+            that names a key must not pass for the anonymous operator's.
+    """
+    claimed = _claimed_operator(request.headers.get(OPERATOR_HEADER))
+    principal = current_principal() or await _api_key_principal(request)
+    if principal is not None:
+        # Authenticated: a claim beside it adds nothing the principal does not say.
+        return _actor_of(principal), None
+    return OPERATOR, claimed
+
+
+def _claimed_operator(raw: str | None) -> str | None:
+    """``X-Operator``'s name; headers arrive as latin-1, so UTF-8 is decoded again."""
+    if raw is None:
+        return None
+    try:
+        text = raw.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        text = "\x00"  # not UTF-8: refused by the check below, as any unprintable name
+    return check_operator(text, field=f"header.{OPERATOR_HEADER}")
+
+
+async def _api_key_principal(request: Request) -> Principal | None:
+    """The principal of an API key in identity's API-key header, if one is sent.
+
+    Identity leaves ``/admin`` alone (its bearer token is the operators'), so
+    the key an operator sends beside the admin token is checked here.
+    """
+    runtime = getattr(request.app.state, "bastion", None)
+    identity: Identity | None = getattr(runtime, "identity", None)
+    if identity is None:
+        return None
+    raw = request.headers.get(identity.settings.identity.api_keys.header)
+    if raw is None:
+        return None
+    store = identity.api_key_store
+    if store is None:
+        raise InvalidApiKey
+    verified = await identity.api_keys.authenticate(raw.strip(), store.get)
+    record = verified.record
+    return Principal(record.id, "api_key", record.tenant, scopes=frozenset(record.scopes))
 
 
 def _actor_of(principal: Principal) -> Actor:
@@ -613,10 +744,12 @@ def _if_revision(raw: str | None) -> int | None:
     )
 
 
-def _parse_import(raw: bytes) -> tuple[list[Flag], list[Segment], frozenset[str] | None]:
+def _parse_import(
+    raw: bytes, environment: str
+) -> tuple[list[Flag], list[Segment], frozenset[str] | None]:
     """Parse and validate an import (run in a worker thread: it may take a while)."""
     document = _loads(raw, allow_empty=False)
-    flags, segments = parse_document(document, field="body")
+    flags, segments = parse_document(document, field="body", environment=environment)
     return flags, segments, import_fields(document)
 
 

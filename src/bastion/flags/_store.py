@@ -25,6 +25,13 @@ stored definition that no longer validates (logged by key, counted in
 ``bastion_flags_invalid_rows``), and fields this release does not know (written
 by a newer one during a rolling deploy) are ignored.
 
+Who: the actor is who authenticated (a user, an API key, ``system:operator`` for
+the admin token, ``system:cli``). An operator behind a shared credential may also
+claim a name (``operator=``); it is not authenticated, so it never becomes the
+actor: the audit event carries it as ``details.operator``, and the who of the
+change row and of the flag reads ``system:operator (claimed: alice)`` (the tables
+have no column of their own for it).
+
 After a write commits, the store calls ``on_change(revision)`` (set by the
 runtime), which refreshes this instance at once and tells the others.
 """
@@ -34,6 +41,7 @@ from __future__ import annotations
 import builtins
 import datetime as dt
 import hashlib
+import unicodedata
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
@@ -48,6 +56,7 @@ from bastion.audit import Actor, AuditEvent, Resource
 from bastion.backends import BackendKind
 from bastion.data import run_transaction, transaction
 from bastion.data.types import utc_now
+from bastion.errors import FieldError, InvalidInput
 from bastion.flags._errors import (
     FlagExists,
     FlagNotFound,
@@ -57,7 +66,7 @@ from bastion.flags._errors import (
     SegmentNotFound,
     StoredFlagInvalid,
 )
-from bastion.flags._model import Flag, Segment
+from bastion.flags._model import LENIENT_OPERANDS, Flag, Segment
 from bastion.flags._tables import ACTOR_MAX, changes, flags, segments
 from bastion.observability.metrics import FLAGS_INVALID_ROWS
 
@@ -66,6 +75,7 @@ if TYPE_CHECKING:
     from bastion.data import Database
 
 __all__ = [
+    "OPERATOR_MAX",
     "SCHEDULE_ACTOR",
     "ChangeKind",
     "FlagChange",
@@ -73,6 +83,7 @@ __all__ = [
     "ImportReport",
     "StoredFlag",
     "StoredSegment",
+    "check_operator",
 ]
 
 logger = structlog.get_logger("bastion.flags")
@@ -88,6 +99,12 @@ M = TypeVar("M", Flag, Segment)
 
 _REVISION: Final = select(func.coalesce(func.max(changes.c.id), 0))
 """The set's revision: one read of the change table's primary key index."""
+
+OPERATOR_MAX: Final = 128
+"""Longest operator name claimed (``X-Operator``, ``--operator``)."""
+_UNPRINTABLE: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+_VIA_IMPORT: Final = {"via": "import"}
+"""What marks the audit events of the flags and segments an import writes."""
 
 
 def _etag(key: str, moment: dt.datetime, version: int) -> str:
@@ -107,7 +124,8 @@ class StoredFlag:
         version: 1 when created, plus one per change.
         created_at: when the key was created (a re-created key starts anew).
         updated_at: when the last change committed.
-        updated_by: ``<actor type>:<actor id>`` of the last change.
+        updated_by: ``<actor type>:<actor id>`` of the last change, with
+            `` (claimed: <name>)`` when an operator claimed a name.
     """
 
     flag: Flag
@@ -130,7 +148,8 @@ class StoredSegment:
         segment: the definition.
         version: 1 when created, plus one per change.
         updated_at: when the last change committed.
-        updated_by: ``<actor type>:<actor id>`` of the last change.
+        updated_by: ``<actor type>:<actor id>`` of the last change, with
+            `` (claimed: <name>)`` when an operator claimed a name.
     """
 
     segment: Segment
@@ -156,7 +175,8 @@ class FlagChange:
         key: the flag key or segment name.
         action: ``create``, ``update``, ``toggle``, ``delete``, ``import`` or ``schedule``.
         version: the version the change made (for a delete, the version deleted).
-        actor: ``<actor type>:<actor id>``.
+        actor: ``<actor type>:<actor id>``, with `` (claimed: <name>)`` when the
+            operator claimed a name (``X-Operator``, ``--operator``): not authenticated.
         at: when.
         before: the definition before (``None`` for a create).
         after: the definition after (``None`` for a delete).
@@ -238,6 +258,58 @@ def _text(definition: dict[str, Any] | None) -> str | None:
 def _actor_text(actor: Actor) -> str:
     name = f"{actor.type}:{actor.id}" if actor.id is not None else str(actor.type)
     return name[:ACTOR_MAX]
+
+
+def check_operator(name: str | None, *, field: str = "operator") -> str | None:
+    """Return the operator name claimed, trimmed; ``None`` when none is claimed.
+
+    A name is 1 to :data:`OPERATOR_MAX` characters on one line, with no control or
+    invisible formatting characters: it is printed in histories and logs, where a
+    newline or a right-to-left override could forge another entry.
+
+    Raises:
+        InvalidInput: anything else (``field`` names where it came from).
+    """
+    if name is None:
+        return None
+    trimmed = name.strip()
+    if (
+        not trimmed
+        or len(trimmed) > OPERATOR_MAX
+        or any(unicodedata.category(char) in _UNPRINTABLE for char in trimmed)
+    ):
+        raise InvalidInput(
+            errors=[
+                FieldError(
+                    field,
+                    "invalid",
+                    f"the operator's name is 1 to {OPERATOR_MAX} printable characters on one line.",
+                )
+            ]
+        )
+    return trimmed
+
+
+@dataclass(frozen=True, slots=True)
+class _Who:
+    """Who writes: the actor, and the operator's name it claimed, if any (not authenticated)."""
+
+    actor: Actor
+    operator: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The change row's and the flag's who: ``system:operator (claimed: alice)``."""
+        # The tables hold no column of their own for the claim (no migration for a
+        # label): the who field carries it, marked as claimed.
+        base = _actor_text(self.actor)
+        if self.operator is None:
+            return base
+        return f"{base} (claimed: {self.operator})"[:ACTOR_MAX]
+
+    def details(self) -> dict[str, str]:
+        """What the audit event's details add: ``{"operator": name}`` when one was claimed."""
+        return {} if self.operator is None else {"operator": self.operator}
 
 
 def _changed(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
@@ -428,13 +500,18 @@ class FlagStore:
 
     # -- flag writes ---------------------------------------------------------------------
 
-    async def create(self, flag: Flag, *, actor: Actor) -> StoredFlag:
+    async def create(self, flag: Flag, *, actor: Actor, operator: str | None = None) -> StoredFlag:
         """Store a new flag at version 1.
+
+        ``operator`` (here and on every write) is the name an operator claimed
+        (``X-Operator``, ``bastion flags --operator``): kept in the audit event's
+        details and in the change's who, never taken for the actor.
 
         Raises:
             FlagExists: the key is taken.
             InvalidFlag: the flag cites a segment that does not exist.
         """
+        who = _Who(actor, check_operator(operator))
 
         async def unit(session: AsyncSession) -> tuple[StoredFlag, int]:
             await self._lock(session)
@@ -442,8 +519,8 @@ class FlagStore:
                 raise FlagExists(flag.key)
             _check_segments([flag], await self._all_segments(session))
             folded = _fold(flag, self._clock())
-            stored, revision = await self._insert(session, folded, actor, "create")
-            await self._audit(session, "flag.create", actor, flag.key, {"version": 1})
+            stored, revision = await self._insert(session, folded, who, "create")
+            await self._audit(session, "flag.create", who, flag.key, {"version": 1})
             return stored, revision
 
         return await self._write(unit)
@@ -455,6 +532,7 @@ class FlagStore:
         expected_version: int | None,
         actor: Actor,
         expected_etag: str | None = None,
+        operator: str | None = None,
     ) -> StoredFlag:
         """Replace a flag's definition (the key names it).
 
@@ -468,19 +546,21 @@ class FlagStore:
             actor: who.
             expected_etag: the ETag the change was made against (``If-Match``);
                 unlike the version, it tells a flag deleted and created again apart.
+            operator: the name the operator claimed (see :meth:`create`).
 
         Raises:
             FlagNotFound: no flag has this key.
             FlagVersionMismatch: the flag is at another version now.
             InvalidFlag: the flag cites a segment that does not exist.
         """
+        who = _Who(actor, check_operator(operator))
 
         async def unit(session: AsyncSession) -> tuple[StoredFlag, int]:
             await self._lock(session)
             current = await self._current(session, flag.key, expected_version, expected_etag)
             _check_segments([flag], await self._all_segments(session))
             folded = _fold(flag, self._clock())
-            return await self._replace(session, current, folded, actor, "update")
+            return await self._replace(session, current, folded, who, "update")
 
         return await self._write(unit)
 
@@ -492,6 +572,7 @@ class FlagStore:
         expected_version: int | None,
         actor: Actor,
         expected_etag: str | None = None,
+        operator: str | None = None,
     ) -> StoredFlag:
         """Switch a flag on or off (its kill switch), keeping the rest of its definition.
 
@@ -502,13 +583,14 @@ class FlagStore:
             FlagNotFound: no flag has this key.
             FlagVersionMismatch: the flag is at another version now.
         """
+        who = _Who(actor, check_operator(operator))
 
         async def unit(session: AsyncSession) -> tuple[StoredFlag, int]:
             await self._lock(session)
             current = await self._current(session, key, expected_version, expected_etag)
             flag = _fold(current.flag, self._clock()).model_copy(update={"enabled": enabled})
             return await self._replace(
-                session, current, flag, actor, "toggle", extra={"enabled": enabled}
+                session, current, flag, who, "toggle", extra={"enabled": enabled}
             )
 
         return await self._write(unit)
@@ -520,6 +602,7 @@ class FlagStore:
         expected_version: int | None,
         actor: Actor,
         expected_etag: str | None = None,
+        operator: str | None = None,
     ) -> None:
         """Delete a flag; its history stays.
 
@@ -527,12 +610,13 @@ class FlagStore:
             FlagNotFound: no flag has this key.
             FlagVersionMismatch: the flag is at another version now.
         """
+        who = _Who(actor, check_operator(operator))
 
         async def unit(session: AsyncSession) -> tuple[None, int]:
             await self._lock(session)
             current = await self._current(session, key, expected_version, expected_etag)
-            revision = await self._delete_flag(session, current, actor, "delete")
-            await self._audit(session, "flag.delete", actor, key, {"version": current.version})
+            revision = await self._delete_flag(session, current, who, "delete")
+            await self._audit(session, "flag.delete", who, key, {"version": current.version})
             return None, revision
 
         await self._write(unit)
@@ -546,6 +630,7 @@ class FlagStore:
         expected_version: int | None,
         actor: Actor,
         expected_etag: str | None = None,
+        operator: str | None = None,
     ) -> StoredSegment:
         """Create or replace a segment.
 
@@ -555,6 +640,7 @@ class FlagStore:
                 no precondition; ``0``: the segment must not exist yet.
             actor: who.
             expected_etag: the ETag the change was made against (``If-Match``).
+            operator: the name the operator claimed (see :meth:`create`).
 
         Raises:
             SegmentNotFound: ``expected_version`` (or ``expected_etag``) names a
@@ -563,6 +649,7 @@ class FlagStore:
             InvalidFlag: the new definition drops an Unleash id that flags cite, or
                 takes an Unleash id another segment has.
         """
+        who = _Who(actor, check_operator(operator))
 
         async def unit(session: AsyncSession) -> tuple[StoredSegment, int]:
             await self._lock(session)
@@ -584,7 +671,7 @@ class FlagStore:
                 if current is not None and current.segment.id != segment.id:
                     # A changed Unleash id would orphan the rules that cite the old one.
                     _check_segments(await self._all_flags(session), [*others, segment])
-            stored, revision = await self._put_segment(session, segment, current, actor)
+            stored, revision = await self._put_segment(session, segment, current, who)
             return stored, revision
 
         return await self._write(unit)
@@ -596,6 +683,7 @@ class FlagStore:
         expected_version: int | None,
         actor: Actor,
         expected_etag: str | None = None,
+        operator: str | None = None,
     ) -> None:
         """Delete a segment no flag cites.
 
@@ -604,6 +692,7 @@ class FlagStore:
             FlagVersionMismatch: the segment is at another version now.
             SegmentInUse: flags cite it (they are named).
         """
+        who = _Who(actor, check_operator(operator))
 
         async def unit(session: AsyncSession) -> tuple[None, int]:
             await self._lock(session)
@@ -616,7 +705,7 @@ class FlagStore:
             users = _users_of(current.segment, await self._all_flags(session))
             if users:
                 raise SegmentInUse(name, users)
-            revision = await self._delete_segment_row(session, current, actor)
+            revision = await self._delete_segment_row(session, current, who)
             return None, revision
 
         await self._write(unit)
@@ -632,6 +721,7 @@ class FlagStore:
         replace: bool = False,
         fields: frozenset[str] | None = None,
         expected_revision: int | None = None,
+        operator: str | None = None,
     ) -> ImportReport:
         """Import a whole set in one transaction: each flag created or updated.
 
@@ -639,8 +729,11 @@ class FlagStore:
         importing the same file twice changes nothing. Schedule entries already
         due are folded into ``enabled`` and dropped, as on every write. With ``replace``, the
         stored set becomes the import: flags and segments it does not hold are
-        deleted. One change row per flag or segment written, one ``flag.import``
-        audit event with the counts.
+        deleted. Each flag or segment written gets its change row and the audit
+        event a single write of it records (``flag.create``, ``flag.update``,
+        ``flag.delete``, ``flag.segment.update``, ``flag.segment.delete``, their
+        details marked ``"via": "import"``), and the import one ``flag.import``
+        event with the counts; all in the import's transaction.
 
         Args:
             flag_list: the flags.
@@ -653,6 +746,7 @@ class FlagStore:
                 (tenants, schedule, owner...) survive it.
             expected_revision: the set's revision the import was prepared against;
                 ``None``: no precondition.
+            operator: the name the operator claimed (see :meth:`create`).
 
         Raises:
             InvalidFlag: a key or an Unleash segment id appears twice, a flag cites a
@@ -660,6 +754,7 @@ class FlagStore:
                 a flag merged with the stored one is not valid.
             FlagVersionMismatch: the set is at another revision than ``expected_revision``.
         """
+        who = _Who(actor, check_operator(operator))
         incoming: dict[str, Flag] = _unique(list(flag_list), lambda flag: flag.key, "flag")
         incoming_segments: dict[str, Segment] = _unique(
             list(segment_list), lambda segment: segment.name, "segment"
@@ -695,20 +790,22 @@ class FlagStore:
             _check_segment_ids(final_segments.values())
             _check_segments(final_flags.values(), final_segments.values())
             revision = await self._import_segments(
-                session, incoming_segments, stored_segments, actor, report
+                session, incoming_segments, stored_segments, who, report
             )
             revision = max(
-                revision, await self._import_flags(session, merged, stored_flags, actor, report)
+                revision, await self._import_flags(session, merged, stored_flags, who, report)
             )
             if replace:
                 for key, current in stored_flags.items():
                     if key not in incoming:
-                        revision = await self._delete_flag(session, current, actor, "import")
+                        revision = await self._delete_flag(session, current, who, "import")
+                        details = {"version": current.version, **_VIA_IMPORT}
+                        await self._audit(session, "flag.delete", who, key, details)
                         report.deleted.append(key)
                 for name, current_segment in stored_segments.items():
                     if name not in incoming_segments:
                         revision = await self._delete_segment_row(
-                            session, current_segment, actor, action="import", audit=False
+                            session, current_segment, who, action="import", extra=_VIA_IMPORT
                         )
                         report.segments_deleted.append(name)
             if not report.changed:
@@ -716,7 +813,7 @@ class FlagStore:
                 return report, 0
             report.revision = revision
             details = {**report.counts(), "replace": replace}
-            await self._audit(session, "flag.import", actor, None, details)
+            await self._audit(session, "flag.import", who, None, details)
             return report, revision
 
         result: ImportReport = await self._write(unit)
@@ -752,7 +849,7 @@ class FlagStore:
                         session,
                         current,
                         flag,
-                        SCHEDULE_ACTOR,
+                        _Who(SCHEDULE_ACTOR),
                         "schedule",
                         extra={"enabled": enabled},
                         event="flag.schedule",
@@ -771,7 +868,7 @@ class FlagStore:
         session: AsyncSession,
         incoming: dict[str, Segment],
         stored: dict[str, StoredSegment],
-        actor: Actor,
+        who: _Who,
         report: ImportReport,
     ) -> int:
         revision = 0
@@ -779,7 +876,9 @@ class FlagStore:
             current = stored.get(name)
             if current is not None and _dump(current.segment) == _dump(segment):
                 continue
-            _, revision = await self._put_segment(session, segment, current, actor, "import")
+            _, revision = await self._put_segment(
+                session, segment, current, who, "import", extra=_VIA_IMPORT
+            )
             (report.segments_created if current is None else report.segments_updated).append(name)
         return revision
 
@@ -788,19 +887,22 @@ class FlagStore:
         session: AsyncSession,
         incoming: dict[str, Flag],
         stored: dict[str, StoredFlag],
-        actor: Actor,
+        who: _Who,
         report: ImportReport,
     ) -> int:
         revision = 0
         for key, flag in incoming.items():
             current = stored.get(key)
             if current is None:
-                _, revision = await self._insert(session, flag, actor, "import")
+                _, revision = await self._insert(session, flag, who, "import")
+                await self._audit(session, "flag.create", who, key, {"version": 1, **_VIA_IMPORT})
                 report.created.append(key)
             elif _dump(current.flag) == _dump(flag):
                 report.unchanged.append(key)
             else:
-                written = await self._replace(session, current, flag, actor, "import", audit=False)
+                written = await self._replace(
+                    session, current, flag, who, "import", extra=_VIA_IMPORT, event="flag.update"
+                )
                 revision = written[1]
                 report.updated.append(key)
         return revision
@@ -857,11 +959,11 @@ class FlagStore:
         return [stored.segment for stored in await self._segment_rows(session)]
 
     async def _insert(
-        self, session: AsyncSession, flag: Flag, actor: Actor, action: str
+        self, session: AsyncSession, flag: Flag, who: _Who, action: str
     ) -> tuple[StoredFlag, int]:
         now = self._clock()
         after = _dump(flag)
-        by = _actor_text(actor)
+        by = who.text
         await session.execute(
             insert(flags).values(
                 key=flag.key,
@@ -878,7 +980,7 @@ class FlagStore:
             flag.key,
             action=action,
             version=1,
-            actor=actor,
+            who=who,
             before=None,
             after=after,
         )
@@ -889,12 +991,11 @@ class FlagStore:
         session: AsyncSession,
         current: StoredFlag,
         flag: Flag,
-        actor: Actor,
+        who: _Who,
         action: str,
         *,
         extra: dict[str, Any] | None = None,
         event: str | None = None,
-        audit: bool = True,
     ) -> tuple[StoredFlag, int]:
         """Write ``flag`` over ``current`` as the next version, its change row and its event.
 
@@ -915,7 +1016,7 @@ class FlagStore:
                 definition=_text(after),
                 version=version,
                 updated_at=now,
-                updated_by=_actor_text(actor),
+                updated_by=who.text,
             )
         )
         if result.rowcount != 1:  # type: ignore[attr-defined]  # CursorResult of an UPDATE
@@ -929,19 +1030,18 @@ class FlagStore:
             flag.key,
             action=action,
             version=version,
-            actor=actor,
+            who=who,
             before=before,
             after=after,
         )
-        if audit:
-            details: dict[str, Any] = {"version": version, "changed": _changed(before, after)}
-            details.update(extra or {})
-            await self._audit(session, event or f"flag.{action}", actor, flag.key, details)
-        stored = StoredFlag(flag, version, current.created_at, now, _actor_text(actor))
+        details: dict[str, Any] = {"version": version, "changed": _changed(before, after)}
+        details.update(extra or {})
+        await self._audit(session, event or f"flag.{action}", who, flag.key, details)
+        stored = StoredFlag(flag, version, current.created_at, now, who.text)
         return stored, revision
 
     async def _delete_flag(
-        self, session: AsyncSession, current: StoredFlag, actor: Actor, action: str
+        self, session: AsyncSession, current: StoredFlag, who: _Who, action: str
     ) -> int:
         """Delete ``current`` (at its version) and write its change row; return the revision."""
         key = current.flag.key
@@ -959,7 +1059,7 @@ class FlagStore:
             key,
             action=action,
             version=current.version,
-            actor=actor,
+            who=who,
             before=_dump(current.flag),
             after=None,
         )
@@ -969,12 +1069,14 @@ class FlagStore:
         session: AsyncSession,
         segment: Segment,
         current: StoredSegment | None,
-        actor: Actor,
+        who: _Who,
         action: str | None = None,
+        *,
+        extra: dict[str, Any] | None = None,
     ) -> tuple[StoredSegment, int]:
         now = self._clock()
         after = _dump(segment)
-        by = _actor_text(actor)
+        by = who.text
         if current is None:
             version = 1
             await session.execute(
@@ -1003,27 +1105,27 @@ class FlagStore:
             segment.name,
             action=action or ("update" if current else "create"),
             version=version,
-            actor=actor,
+            who=who,
             before=before,
             after=after,
         )
-        if action is None:
-            details: dict[str, Any] = {"version": version}
-            if before is not None:
-                details["changed"] = _changed(before, after)
-            await self._audit(
-                session, "flag.segment.update", actor, segment.name, details, resource="segment"
-            )
+        details: dict[str, Any] = {"version": version}
+        if before is not None:
+            details["changed"] = _changed(before, after)
+        details.update(extra or {})
+        await self._audit(
+            session, "flag.segment.update", who, segment.name, details, resource="segment"
+        )
         return StoredSegment(segment, version, now, by), revision
 
     async def _delete_segment_row(
         self,
         session: AsyncSession,
         current: StoredSegment,
-        actor: Actor,
+        who: _Who,
         *,
         action: str = "delete",
-        audit: bool = True,
+        extra: dict[str, Any] | None = None,
     ) -> int:
         name = current.segment.name
         result = await session.execute(
@@ -1037,19 +1139,12 @@ class FlagStore:
             name,
             action=action,
             version=current.version,
-            actor=actor,
+            who=who,
             before=_dump(current.segment),
             after=None,
         )
-        if audit:
-            await self._audit(
-                session,
-                "flag.segment.delete",
-                actor,
-                name,
-                {"version": current.version},
-                resource="segment",
-            )
+        details = {"version": current.version, **(extra or {})}
+        await self._audit(session, "flag.segment.delete", who, name, details, resource="segment")
         return revision
 
     async def _change(
@@ -1060,7 +1155,7 @@ class FlagStore:
         *,
         action: str,
         version: int,
-        actor: Actor,
+        who: _Who,
         before: dict[str, Any] | None,
         after: dict[str, Any] | None,
     ) -> int:
@@ -1071,7 +1166,7 @@ class FlagStore:
                 key=key,
                 action=action,
                 version=version,
-                actor=_actor_text(actor),
+                actor=who.text,
                 at=self._clock(),
                 before=_text(before),
                 after=_text(after),
@@ -1084,7 +1179,7 @@ class FlagStore:
         self,
         session: AsyncSession,
         action: str,
-        actor: Actor,
+        who: _Who,
         key: str | None,
         details: dict[str, Any],
         *,
@@ -1092,11 +1187,13 @@ class FlagStore:
     ) -> None:
         if self.audit is None:
             return
+        # The claimed operator rides in the details: it is not authenticated, so it
+        # must not pass for the actor.
         event = AuditEvent(
             action=action,
-            actor=actor,
+            actor=who.actor,
             resource=Resource(resource, key) if key is not None else Resource(resource),
-            details=details,
+            details={**details, **who.details()},
         )
         await self.audit.record(event, session=session)
 
@@ -1129,7 +1226,8 @@ def _merge(stored: Flag, imported: Flag, fields: frozenset[str]) -> Flag:
     incoming = _dump(imported)
     data.update({name: incoming[name] for name in fields if name in incoming})
     try:
-        return Flag.model_validate(data)
+        # Lenient like the stored flag it merges into (an Unleash import's operands too).
+        return Flag.model_validate(data, context=LENIENT_OPERANDS)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "flag"
@@ -1182,7 +1280,9 @@ def _parse(model: type[M], definition: str) -> M:
         # Forward compatibility: during a rolling deploy a newer release may store
         # fields this one does not know; they are ignored here, not fatal.
         data = {name: value for name, value in data.items() if name in model.model_fields}
-    return model.model_validate(data)
+    # Rows written before operands were checked, or imported from an Unleash state, hold
+    # operands that never match; they must still load (as they evaluate: never matching).
+    return model.model_validate(data, context=LENIENT_OPERANDS)
 
 
 _UNREADABLE: Final = (orjson.JSONDecodeError, ValidationError, TypeError, ValueError)

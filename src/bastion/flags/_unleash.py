@@ -1,4 +1,10 @@
-"""Unleash's client state (``/api/client/features``) to bastion's flag models, and back.
+"""Unleash's client state (``/api/client/features``) and exports to bastion's flag models, and back.
+
+An export (the admin UI's or ``POST /api/admin/features-batch/export``: ``features``
+without switches or strategies, and ``featureStrategies``, ``featureEnvironments``,
+``segments``, ``dependencies`` beside them) holds one environment's configuration, or
+several in a hand-merged file: :func:`flags_from_unleash` reads the one it is given
+(``environment=``), the only one there is, or refuses.
 
 Reading is lenient: an Unleash server, an old export or a hand-written file may
 carry anything, and what bastion cannot represent becomes something that never
@@ -31,6 +37,7 @@ from pydantic import ValidationError
 
 from bastion.flags._model import (
     FLAG_KEY_MAX,
+    LENIENT_OPERANDS,
     SINGLE_VALUE_OPERATORS,
     Constraint,
     Flag,
@@ -48,6 +55,7 @@ __all__ = [
     "HOSTNAME_FIELD",
     "UNLEASH_FIELDS",
     "flags_from_unleash",
+    "is_unleash_export",
     "is_unleash_state",
     "to_unleash",
 ]
@@ -71,6 +79,9 @@ _STICKINESS_OF: Final = {
 _PAYLOAD_TYPES: Final = frozenset({"string", "json", "csv", "number"})
 _NEVER_CONTEXT: Final = "unrepresentable"
 _WHOLE: Final = 100.0
+_EXPORT_PARTS: Final = ("featureStrategies", "featureEnvironments")
+_UNSORTED: Final = 9999
+"""Unleash's ``sort_order`` column default: where a strategy without one sorts."""
 
 
 def is_unleash_state(data: Any) -> bool:
@@ -78,20 +89,32 @@ def is_unleash_state(data: Any) -> bool:
     return isinstance(data, Mapping) and isinstance(data.get("features"), list)
 
 
+def is_unleash_export(data: Any) -> bool:
+    """Whether ``data`` is an Unleash export rather than a client state.
+
+    An export keeps each feature's switch and strategies apart, per environment
+    (``featureEnvironments``, ``featureStrategies``); a client state nests them in
+    each feature.
+    """
+    return isinstance(data, Mapping) and any(part in data for part in _EXPORT_PARTS)
+
+
 def flags_from_unleash(
-    state: Mapping[str, Any], *, strict: bool = False
+    state: Mapping[str, Any], *, strict: bool = False, environment: str | None = None
 ) -> tuple[list[Flag], list[Segment]]:
-    """Convert Unleash's client state into bastion's flags and segments.
+    """Convert Unleash's client state, or an export, into bastion's flags and segments.
 
     Args:
         state: ``{"version", "features": [...], "segments": [...]}`` as Unleash's
-            ``/api/client/features`` returns it (an export's ``features`` and
-            ``segments`` too).
+            ``/api/client/features`` returns it, or an export
+            (:func:`is_unleash_export`).
         strict: refuse what lenient reading tolerates (a part that is not of its
-            shape, a feature without a name, a value bastion cannot hold) instead of
-            turning it into something that never matches. Unknown operators and
-            custom strategies are legitimate Unleash data: both modes keep them (they
-            never match).
+            shape, a feature without a name, a value bastion cannot hold, an
+            export's segment without its constraints) instead of turning it into
+            something that never matches. Unknown operators and custom strategies
+            are legitimate Unleash data: both modes keep them (they never match).
+        environment: the environment of an export to read when it holds several;
+            ignored for a client state (which is one environment's already).
 
     Returns:
         The flags and segments; leniently, a feature whose name bastion cannot hold
@@ -99,7 +122,9 @@ def flags_from_unleash(
 
     Raises:
         ValueError: with ``strict``, at the first problem, located
-            (``features[3].strategies: must be a list``).
+            (``features[3].strategies: must be a list``); in both modes, an export
+            holding several environments none of which is ``environment``
+            (``featureEnvironments: ...``, naming them).
     """
     reader = _Reader(strict)
     # Parsed JSON is typed by hope only: check what was actually given.
@@ -107,6 +132,8 @@ def flags_from_unleash(
     if not isinstance(given, Mapping):
         reader.problem("state", "must be an object")
         return [], []
+    if is_unleash_export(state):
+        return _from_export(reader, state, environment)
     segments = [
         segment
         for position, raw in enumerate(reader.list(state.get("segments"), "segments"))
@@ -157,6 +184,11 @@ class _Reader:
         return {}
 
 
+def _lenient_constraint(**fields: Any) -> Constraint:
+    """A constraint read as Unleash's SDKs read it: an operand that does not parse never matches."""
+    return Constraint.model_validate(fields, context=LENIENT_OPERANDS)
+
+
 def _text(value: Any) -> str:
     if value is None:
         return ""
@@ -164,9 +196,14 @@ def _text(value: Any) -> str:
         return value
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
-    return orjson.dumps(value).decode()
+    try:
+        if isinstance(value, (int, float)):
+            return str(value)
+        return orjson.dumps(value).decode()
+    except (TypeError, ValueError):
+        # orjson refuses integers beyond 64 bits, and str() one of over 4,300 digits: a
+        # parameter nobody can mean; as text it matches nothing, it does not raise.
+        return ""
 
 
 def _parameters(reader: _Reader, raw: Any, path: str) -> dict[str, str]:
@@ -192,9 +229,9 @@ def _split(value: str) -> list[str]:
 def _never(context: str = _NEVER_CONTEXT) -> Constraint:
     """A constraint that admits no one (``IN`` an empty list)."""
     try:
-        return Constraint(context=context, operator=Operator.IN, values=())
+        return _lenient_constraint(context=context, operator=Operator.IN, values=())
     except ValidationError:
-        return Constraint(context=_NEVER_CONTEXT, operator=Operator.IN, values=())
+        return _lenient_constraint(context=_NEVER_CONTEXT, operator=Operator.IN, values=())
 
 
 def _constraint(reader: _Reader, raw: Any, path: str) -> Constraint:
@@ -220,7 +257,7 @@ def _constraint(reader: _Reader, raw: Any, path: str) -> Constraint:
     else:
         value = None if value is None else _text(value)
     try:
-        return Constraint(
+        return _lenient_constraint(
             context=context,
             operator=operator,
             values=values,
@@ -257,9 +294,18 @@ def _segment_refs(reader: _Reader, raw: Any, path: str) -> tuple[str | int, ...]
     return tuple(refs)
 
 
-def _segment(reader: _Reader, raw: Any, position: int) -> Segment | None:
+def _segment(reader: _Reader, raw: Any, position: int, *, export: bool = False) -> Segment | None:
     path = f"segments[{position}]"
     raw = reader.mapping(raw, path)
+    if export and "constraints" not in raw:
+        # Unleash's export names each segment (id, name) without what it holds;
+        # read as empty it would admit everyone.
+        reader.problem(
+            f"{path}.constraints",
+            "is missing: Unleash's export names a segment without its constraints; "
+            "copy them from Unleash's GET /api/admin/segments into this entry",
+        )
+        raw = {**raw, "constraints": [{"contextName": _NEVER_CONTEXT, "operator": "IN"}]}
     ident = raw.get("id")
     if ident is not None and (not isinstance(ident, int) or isinstance(ident, bool)):
         reader.problem(f"{path}.id", "must be an integer")
@@ -387,7 +433,7 @@ def _rule(reader: _Reader, raw: Mapping[str, Any], flag_key: str, path: str) -> 
         pass
     elif name == "userWithId":
         constraints.append(
-            Constraint(
+            _lenient_constraint(
                 context="userId",
                 operator=Operator.IN,
                 values=tuple(_split(parameters.get("userIds", ""))),
@@ -409,7 +455,7 @@ def _rule(reader: _Reader, raw: Mapping[str, Any], flag_key: str, path: str) -> 
         )
     elif name == "remoteAddress":
         constraints.append(
-            Constraint(
+            _lenient_constraint(
                 context="remoteAddress",
                 operator=Operator.IN_CIDR,
                 values=tuple(_split(parameters.get("IPs", ""))),
@@ -417,7 +463,7 @@ def _rule(reader: _Reader, raw: Mapping[str, Any], flag_key: str, path: str) -> 
         )
     elif name == "applicationHostname":
         constraints.append(
-            Constraint(
+            _lenient_constraint(
                 context=HOSTNAME_FIELD,
                 operator=Operator.IN,
                 values=tuple(h.lower() for h in _split(parameters.get("hostNames", ""))),
@@ -503,6 +549,23 @@ def _prerequisites(
 
 def _flag(reader: _Reader, raw: Any, path: str) -> Flag | None:
     raw = reader.mapping(raw, path)
+    key = _key(reader, raw, path)
+    if key is None:
+        return None
+    strategies = reader.list(raw.get("strategies"), f"{path}.strategies")
+    return _build_flag(
+        reader,
+        raw,
+        key,
+        path,
+        enabled=bool(raw.get("enabled", False)),
+        strategies=[(item, f"{path}.strategies[{n}]") for n, item in enumerate(strategies)],
+        variants=(raw.get("variants"), f"{path}.variants"),
+        dependencies=(raw.get("dependencies"), f"{path}.dependencies"),
+    )
+
+
+def _key(reader: _Reader, raw: Mapping[str, Any], path: str) -> str | None:
     name = raw.get("name")
     if not isinstance(name, str) or not name:
         reader.problem(f"{path}.name", "is missing" if name in (None, "") else "must be a string")
@@ -510,22 +573,31 @@ def _flag(reader: _Reader, raw: Any, path: str) -> Flag | None:
     if not key or len(key) > FLAG_KEY_MAX:
         reader.problem(f"{path}.name", f"must be 1 to {FLAG_KEY_MAX} characters")
         return None
+    return key
+
+
+def _build_flag(
+    reader: _Reader,
+    raw: Mapping[str, Any],
+    key: str,
+    path: str,
+    *,
+    enabled: bool,
+    strategies: Sequence[tuple[Any, str]],
+    variants: tuple[Any, str],
+    dependencies: tuple[Any, str],
+) -> Flag | None:
+    """One flag from a feature's parts, each with the place it was read from."""
     description = _text(raw.get("description"))[:2000]
     try:
-        prerequisites, impossible = _prerequisites(
-            reader, raw.get("dependencies"), key, f"{path}.dependencies"
-        )
+        prerequisites, impossible = _prerequisites(reader, dependencies[0], key, dependencies[1])
         return Flag(
             key=key,
             description=description,
-            enabled=bool(raw.get("enabled", False)) and not impossible,
-            variants=_variants(reader, raw.get("variants"), f"{path}.variants"),
+            enabled=enabled and not impossible,
+            variants=_variants(reader, *variants),
             rules=tuple(
-                rule
-                for position, item in enumerate(
-                    reader.list(raw.get("strategies"), f"{path}.strategies")
-                )
-                for rule in _rules(reader, item, key, f"{path}.strategies[{position}]")
+                rule for item, where in strategies for rule in _rules(reader, item, key, where)
             ),
             prerequisites=prerequisites,
             impression_data=bool(raw.get("impressionData", False)),
@@ -542,6 +614,175 @@ def _flag(reader: _Reader, raw: Any, path: str) -> Flag | None:
     except ValidationError as exc:
         reader.invalid(path, exc)
         return None
+
+
+# --------------------------------------------------------------------- Unleash export
+
+
+def _from_export(
+    reader: _Reader, state: Mapping[str, Any], environment: str | None
+) -> tuple[list[Flag], list[Segment]]:
+    """An export: each feature put together from the rows about it in one environment.
+
+    Rows about another environment are left out (they are that environment's
+    configuration, not this one's); a feature with no ``featureEnvironments`` row in
+    it is off there, as Unleash serves it.
+    """
+    strategies = [
+        (reader.mapping(item, f"featureStrategies[{n}]"), f"featureStrategies[{n}]")
+        for n, item in enumerate(reader.list(state.get("featureStrategies"), "featureStrategies"))
+    ]
+    environments = [
+        (reader.mapping(item, f"featureEnvironments[{n}]"), f"featureEnvironments[{n}]")
+        for n, item in enumerate(
+            reader.list(state.get("featureEnvironments"), "featureEnvironments")
+        )
+    ]
+    chosen = _export_environment(reader, strategies, environments, environment)
+
+    def here(row: Mapping[str, Any]) -> bool:
+        named = row.get("environment")
+        return chosen is None or named is None or named == chosen
+
+    switches: dict[str, tuple[Mapping[str, Any], str]] = {}
+    for row, where in environments:
+        if here(row):
+            switches.setdefault(_text(row.get("featureName") or row.get("name")), (row, where))
+    rows = _strategy_rows(reader, state, [(r, w) for r, w in strategies if here(r)])
+    dependencies: dict[str, tuple[Any, str]] = {}
+    for n, item in enumerate(reader.list(state.get("dependencies"), "dependencies")):
+        entry = reader.mapping(item, f"dependencies[{n}]")
+        dependencies[_text(entry.get("feature"))] = (
+            entry.get("dependencies"),
+            f"dependencies[{n}].dependencies",
+        )
+
+    flags = []
+    names = set()
+    for n, item in enumerate(reader.list(state.get("features"), "features")):
+        path = f"features[{n}]"
+        raw = reader.mapping(item, path)
+        key = _key(reader, raw, path)
+        if key is None:
+            continue
+        names.add(key)
+        # Unleash neither serves nor imports archived features: they are gone.
+        if raw.get("archived") is True:
+            continue
+        switch, switch_path = switches.get(key, ({}, path))
+        listed = rows.get(key, [])
+        if not listed and isinstance(switch.get("strategies"), list):
+            listed = [
+                (s, f"{switch_path}.strategies[{m}]") for m, s in enumerate(switch["strategies"])
+            ]
+        variants: tuple[Any, str] = (switch.get("variants"), f"{switch_path}.variants")
+        if not switch.get("variants") and raw.get("variants"):
+            # Exports before Unleash 4.22 kept variants on the feature, for every environment.
+            variants = (raw.get("variants"), f"{path}.variants")
+        flag = _build_flag(
+            reader,
+            raw,
+            key,
+            path,
+            enabled=switch.get("enabled") is True,
+            strategies=listed,
+            variants=variants,
+            dependencies=dependencies.get(key, (None, f"{path}.dependencies")),
+        )
+        if flag is not None:
+            flags.append(flag)
+    _check_references(reader, names, strategies, environments, state)
+    segments = [
+        segment
+        for position, raw in enumerate(reader.list(state.get("segments"), "segments"))
+        if (segment := _segment(reader, raw, position, export=True)) is not None
+    ]
+    return flags, segments
+
+
+def _strategy_rows(
+    reader: _Reader, state: Mapping[str, Any], strategies: Sequence[tuple[Mapping[str, Any], str]]
+) -> dict[str, list[tuple[Mapping[str, Any], str]]]:
+    """Each feature's strategies, in Unleash's ``sortOrder`` (ties: as listed)."""
+    # The older state export links strategies to segments in a table of its own.
+    linked: dict[str, list[Any]] = {}
+    links = reader.list(state.get("featureStrategySegments"), "featureStrategySegments")
+    for n, item in enumerate(links):
+        link = reader.mapping(item, f"featureStrategySegments[{n}]")
+        linked.setdefault(_text(link.get("featureStrategyId")), []).append(link.get("segmentId"))
+    rows: dict[str, list[tuple[int, int, Mapping[str, Any], str]]] = {}
+    for position, (row, where) in enumerate(strategies):
+        strategy = dict(row)
+        # The older state export names the strategy ``strategyName``.
+        strategy.setdefault("name", row.get("strategyName"))
+        if "segments" not in strategy and _text(row.get("id")) in linked:
+            strategy["segments"] = linked[_text(row.get("id"))]
+        order = row.get("sortOrder")
+        number = order if isinstance(order, int) and not isinstance(order, bool) else _UNSORTED
+        rows.setdefault(_text(row.get("featureName")), []).append(
+            (number, position, strategy, where)
+        )
+    return {
+        feature: [(strategy, where) for _, _, strategy, where in sorted(own, key=lambda r: r[:2])]
+        for feature, own in rows.items()
+    }
+
+
+def _export_environment(
+    reader: _Reader,
+    strategies: Sequence[tuple[Mapping[str, Any], str]],
+    environments: Sequence[tuple[Mapping[str, Any], str]],
+    wanted: str | None,
+) -> str | None:
+    """The environment to read: ``wanted`` when present, else the only one; ``None``: unnamed."""
+    present: dict[str, None] = {}
+    unnamed: list[str] = []
+    for row, where in (*environments, *strategies):
+        named = row.get("environment")
+        if named is None:
+            unnamed.append(where)
+            continue
+        if not isinstance(named, str) or not named:
+            reader.problem(f"{where}.environment", "must be an environment's name")
+            continue
+        present[named] = None
+    if len(present) > 1 and unnamed:
+        # Leniently such a row counts in every environment, the one read included.
+        reader.problem(f"{unnamed[0]}.environment", "is missing, and the export holds several")
+    if wanted is not None and wanted in present:
+        return wanted
+    if len(present) == 1:
+        return next(iter(present))
+    if not present:
+        return None
+    names = ", ".join(repr(name) for name in present)
+    asked = f"none is {wanted!r}" if wanted is not None else "none was chosen"
+    # Reading a mix of environments would switch flags on where they are off: refuse,
+    # strict or not.
+    raise ValueError(
+        f"featureEnvironments: the export holds the environments {names} and {asked}; "
+        "set flags.environment to the one to import, or export a single environment"
+    )
+
+
+def _check_references(
+    reader: _Reader,
+    names: set[str],
+    strategies: Sequence[tuple[Mapping[str, Any], str]],
+    environments: Sequence[tuple[Mapping[str, Any], str]],
+    state: Mapping[str, Any],
+) -> None:
+    """Strictly, rows about features the export does not hold are mistakes, not data."""
+    if not reader.strict:
+        return
+    for row, where in (*strategies, *environments):
+        feature = _text(row.get("featureName") or row.get("name"))
+        if feature not in names and row.get("featureName") is not None:
+            reader.problem(f"{where}.featureName", f"{feature!r} is not among the features")
+    for n, item in enumerate(reader.list(state.get("dependencies"), "dependencies")):
+        feature = _text(reader.mapping(item, f"dependencies[{n}]").get("feature"))
+        if feature not in names:
+            reader.problem(f"dependencies[{n}].feature", f"{feature!r} is not among the features")
 
 
 # --------------------------------------------------------------------- export

@@ -180,7 +180,9 @@ _BASE64_RUN: Final = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
 _HEX_DIGITS: Final = re.compile(r"[0-9a-fA-F]{16,}")
 _ESCAPED_HEX_RUN: Final = re.compile(r"(?:\\x[0-9a-fA-F]{2}){8,}")
 _PERCENT: Final = re.compile(r"%[0-9a-fA-F]{2}")
-_ENTITY: Final = re.compile(r"&(?:#[0-9]{2,7}|#[xX][0-9a-fA-F]{2,6}|[A-Za-z]{2,8});")
+# Numeric references decode without their semicolon too (as browsers and html.unescape
+# read them), so "&#32" between words is an escape; named ones need it ("&b=2" in a URL).
+_ENTITY: Final = re.compile(r"&(?:#[0-9]{2,7};?|#[xX][0-9a-fA-F]{2,6};?|[A-Za-z]{2,8};)")
 # Words rot13 turns common injection vocabulary into ("vtaber" is "ignore"): the
 # rot13 view is decoded only when one of them is present, so benign text pays one scan.
 _ROT13_WORDS: Final = (

@@ -5,15 +5,24 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from flags_store_support import audit_rows, boolean_flag, change_rows, fresh_tables, sync_audit
+from flags_store_support import (
+    MASTER,
+    audit_rows,
+    boolean_flag,
+    change_rows,
+    fresh_tables,
+    sync_audit,
+)
 from sqlalchemy import select
 
-from bastion.audit import Actor
+from bastion.audit import Actor, AuditLog
+from bastion.audit._subjects import SubjectKeys
 from bastion.audit._tables import entries
 from bastion.data import Database
 from bastion.errors import InvalidInput
 from bastion.flags._model import Constraint, Flag, Operator, Rule, Segment
 from bastion.flags._store import OPERATOR_MAX, FlagStore, check_operator
+from bastion.settings import AuditSettings
 
 ALICE = Actor.user("alice")
 OPERATOR = Actor.system("operator")
@@ -175,3 +184,32 @@ class TestOperatorName:
         """Surrounding space is dropped; letters of any script, dots and @ are kept."""
         assert "Zoë O'Brien-Łukasz@ops" == check_operator("  Zoë O'Brien-Łukasz@ops ")
         assert check_operator(None) is None
+
+
+class TestLargeImportsInAsyncMode:
+    async def test_an_import_larger_than_the_buffer_commits_and_is_audited_flag_by_flag(
+        self, database
+    ):
+        """In async mode an import's events are staged on its transaction only while they
+        fit a quarter of the buffer; beyond that they follow the commit, so an import larger
+        than the whole buffer neither fails nor takes the buffer from other requests."""
+        keys = SubjectKeys(database=database, master_key=MASTER, cache_ttl=60)
+        audit = AuditLog(
+            AuditSettings(mode="async", buffer_size=40, enqueue_timeout=1.0),
+            database=database,
+            subject_keys=keys,
+        )
+        await audit.start()
+        try:
+            store = FlagStore(database, audit=audit)
+            small = [boolean_flag(f"small-{n}") for n in range(10)]
+            large = [boolean_flag(f"large-{n}") for n in range(60)]
+            await store.import_flags(small, [], actor=OPERATOR)
+            await store.import_flags(large, [], actor=OPERATOR)
+            await audit.flush()
+        finally:
+            await audit.stop()
+
+        created = [key for action, key, _ in await audit_rows(database) if action == "flag.create"]
+        assert sorted(f.key for f in small + large) == sorted(created)
+        assert 2 == sum(1 for row in await audit_rows(database) if row[0] == "flag.import")

@@ -593,6 +593,19 @@ class TestErrors:
         logged = [e["flag"] for e in logs if e["event"] == "flags.evaluation_error"]
         assert ["a", "b", "c"] == logged
 
+    def test_made_up_keys_share_one_log_slot(self, monkeypatch):
+        """Keys the set does not hold (the caller chose them) never fill the table of
+        once-a-minute slots real flags need, and a long one is cut in the log."""
+        monkeypatch.setattr(engine, "_last_logged", {})
+        flags = Flags(_set(Flag(key="f", enabled=True)))
+        with structlog.testing.capture_logs() as logs:
+            for n in range(50):
+                flags.is_enabled(f"made-up-{n}" + "x" * 500)
+        assert [UNKNOWN_FLAG] == list(engine._last_logged)
+        [line] = [e for e in logs if e["event"] == "flags.evaluation_error"]
+        assert len(line["flag"]) <= 201
+        assert "x" * 300 not in repr(line)
+
     def test_flags_log_and_count_missing_flags_and_type_mismatches(self, monkeypatch):
         """Flags logs the errors found outside the engine (no context values) and counts them."""
         monkeypatch.setattr(engine, "_last_logged", {})

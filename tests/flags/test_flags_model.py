@@ -325,11 +325,10 @@ class TestStrictTypes:
             Flag.model_validate(flag)
         assert {"bool_type"} == {e["type"] for e in caught.value.errors()}
 
-    def test_group_id_length(self):
-        """A rollout's group id is at most 200 characters."""
-        Rollout.model_validate({"group_id": "g" * 200})
-        with pytest.raises(ValidationError):
-            Rollout.model_validate({"group_id": "g" * 201})
+    def test_long_group_ids_load(self):
+        """A group id has no length bound of its own: rows stored with a long one (Unleash
+        allows any) must keep loading; the document's size bounds it."""
+        assert "g" * 300 == Rollout.model_validate({"group_id": "g" * 300}).group_id
 
 
 TOKEN = secrets.token_urlsafe(32)
@@ -369,8 +368,9 @@ class TestAdminRoutes:
         } == answers
         assert [] == (await admin.get("/admin/features")).json()["flags"]
 
-    async def test_update_and_import_refuse_them_too(self, admin):
-        """PUT and a bastion-format import refuse a bad regex and a string for a boolean."""
+    async def test_update_refuses_them_and_an_import_reads_them_as_stored(self, admin):
+        """PUT refuses a bad regex and a string for a boolean; an import (an export must
+        import back whatever it holds) reads the regex as a stored row: never matching."""
         created = await admin.post("/admin/features", json=_with_constraint(GOOD_OPERANDS[0]))
         assert 201 == created.status_code, created.text
         headers = {"if-match": created.headers["etag"]}
@@ -379,15 +379,18 @@ class TestAdminRoutes:
         yes = await admin.put(
             "/admin/features/f", json={"key": "f", "enabled": "yes"}, headers=headers
         )
-        imported = await admin.post("/admin/features/import", json={"flags": [bad_regex]})
-        assert [422, 422, 422] == [put.status_code, yes.status_code, imported.status_code]
-        assert ("invalid_regex", "bool_type", "invalid_regex") == (
+        assert [422, 422] == [put.status_code, yes.status_code]
+        assert ("invalid_regex", "bool_type") == (
             put.json()["errors"][0]["code"],
             yes.json()["errors"][0]["code"],
-            imported.json()["errors"][0]["code"],
         )
         stored = (await admin.get("/admin/features/f")).json()
         assert (1, True) == (stored["version"], stored["flag"]["enabled"])
+        imported = await admin.post("/admin/features/import", json={"flags": [bad_regex]})
+        assert 200 == imported.status_code, imported.text
+        read_back = await admin.get("/admin/features/f")
+        assert 200 == read_back.status_code, read_back.text
+        assert "(" == read_back.json()["flag"]["rules"][1]["constraints"][1]["value"]
 
     async def test_unleash_import_stays_lenient(self, admin):
         """An Unleash state with a bad regex imports, and the stored flag reads back."""

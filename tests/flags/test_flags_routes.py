@@ -981,3 +981,9 @@ class TestClientAppVersion:
         assert (422, "INVALID_INPUT") == (response.status_code, response.json()["code"])
         assert response.headers["content-type"].startswith("application/problem+json")
         assert ["query.appVersion"] == [error["field"] for error in response.json()["errors"]]
+
+    @pytest.mark.parametrize("version", ["2024.01", "2024.01.05", "1.02.3", "v07"])
+    async def test_calendar_and_zero_padded_versions_are_accepted(self, client, version):
+        """Plain versions with leading zeros (calendar versions) are versions too."""
+        response = await client.get("/api/features", params={"appVersion": version})
+        assert 200 == response.status_code, response.text

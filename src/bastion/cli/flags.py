@@ -379,21 +379,19 @@ def import_file(
     """
     try:
         document = read_document(file)
-        environment = flags_environment(load_settings())
     except (OSError, ValueError) as exc:
         raise fail(str(exc), 1) from None
-    except ConfigurationError as exc:
-        raise fail(str(exc)) from None
-    try:
-        flags, segments = parse_document(document, field=str(file), environment=environment)
-    except InvalidInput as exc:
-        details = "; ".join(f"{error.field}: {error.message}" for error in exc.errors[:20])
-        raise fail(f"{exc.detail} {details}".strip(), 1) from None
-
     fields = import_fields(document)
     claimed = operator_name(operator)
+    parsed: list[tuple[int, int]] = []
 
-    async def run(_runtime: Bastion, store: FlagStore) -> ImportReport:
+    async def run(runtime: Bastion, store: FlagStore) -> ImportReport:
+        # The app's environment (its settings, code included) picks an export's part;
+        # an unreadable document is refused (exit 1) by run_database_command.
+        flags, segments = parse_document(
+            document, field=str(file), environment=flags_environment(runtime.settings)
+        )
+        parsed.append((len(flags), len(segments)))
         return await store.import_flags(
             flags,
             segments,
@@ -408,8 +406,9 @@ def import_file(
     if as_json:
         _print_json(summary)
         return
+    [(flag_count, segment_count)] = parsed
     typer.echo(
-        f"imported {len(flags)} flag(s) and {len(segments)} segment(s) from {file}: "
+        f"imported {flag_count} flag(s) and {segment_count} segment(s) from {file}: "
         + ", ".join(f"{name} {value}" for name, value in summary.items())
     )
 

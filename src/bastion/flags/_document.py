@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from bastion.errors import FieldError, InvalidInput
-from bastion.flags._model import Flag, Segment
+from bastion.flags._model import LENIENT_OPERANDS, Flag, Segment
 from bastion.flags._unleash import UNLEASH_FIELDS, flags_from_unleash, is_unleash_state, to_unleash
 
 __all__ = [
@@ -155,7 +155,10 @@ def _models(model: type[M], items: Any, field: str, errors: list[FieldError]) ->
         if len(errors) > ERRORS_MAX:
             break
         try:
-            parsed.append(model.model_validate(item))
+            # Operands are read as stored rows are (one that does not parse never matches):
+            # an export holds what was stored, and must import back whatever it holds.
+            # Single writes (the admin routes, `bastion flags set`) check them.
+            parsed.append(model.model_validate(item, context=LENIENT_OPERANDS))
         except ValidationError as exc:
             errors.extend(validation_errors(exc, f"{field}.{position}"))
     return parsed

@@ -52,6 +52,7 @@ VARIANT_SEED: Final = 86028157
 DISABLED_VARIANT: Final = "disabled"
 """The variant name Unleash gives when no variant is served."""
 _LOGGED_KEYS_MAX: Final = 10_000
+_LOGGED_KEY_CHARS: Final = 200
 _LOG_INTERVAL: Final = 60.0
 """Seconds between two error lines about one flag: a broken flag on a hot path
 must not flood the logs."""
@@ -73,15 +74,23 @@ def variant_hash(group: str, value: str, total: int) -> int:
     return normalized_hash(group, value, modulus=total, seed=VARIANT_SEED)
 
 
-def _log_error(key: str, code: str, message: str) -> None:
-    """Log an evaluation error, at most once a minute per flag, without context values."""
+def _log_error(key: str, code: str, message: str, *, known: bool = True) -> None:
+    """Log an evaluation error, at most once a minute per flag, without context values.
+
+    ``known=False`` (a key the set does not hold: the caller chose it) logs under the
+    one "<unknown>" slot, so made-up keys cannot fill the table real flags need.
+    """
     moment = time.monotonic()
     # Bounded: keys are flag keys, and once the table is full new ones share the one
     # "<unknown>" slot (and its once a minute).
-    slot = key if key in _last_logged or len(_last_logged) < _LOGGED_KEYS_MAX else UNKNOWN_KEY
+    if not known or (key not in _last_logged and len(_last_logged) >= _LOGGED_KEYS_MAX):
+        slot = UNKNOWN_KEY
+    else:
+        slot = key
     if moment - _last_logged.get(slot, -_LOG_INTERVAL) >= _LOG_INTERVAL:
         _last_logged[slot] = moment
-        logger.warning("flags.evaluation_error", flag=key, error_code=code, error=message)
+        shown = key if len(key) <= _LOGGED_KEY_CHARS else key[:_LOGGED_KEY_CHARS] + "…"
+        logger.warning("flags.evaluation_error", flag=shown, error_code=code, error=message)
 
 
 class _NotCompiled(Exception):

@@ -85,7 +85,9 @@ class Flags:
         if code in _LOGGED_HERE:
             # The message names the flag and the kind of fault, never a context value;
             # logged at most once a minute per flag (shared with the engine's errors).
-            _log_error(key, code, evaluation.error_message or code)
+            # A missing flag's message would repeat the caller's key, logged once already.
+            message = "no such flag" if code == "FLAG_NOT_FOUND" else evaluation.error_message
+            _log_error(key, code, message or code, known=key in self._set)
         if code == "FLAG_NOT_FOUND":
             key = UNKNOWN_FLAG
         self._count(key, evaluation.reason)
@@ -99,7 +101,7 @@ class Flags:
         enabled, reason = flag_set.decide(key, context)
         if reason is Reason.ERROR and key not in flag_set:
             # Any other ERROR was logged by the engine; a missing flag is found here.
-            _log_error(key, "FLAG_NOT_FOUND", f"no flag {key!r}")
+            _log_error(key, "FLAG_NOT_FOUND", "no such flag", known=False)
             self._count(UNKNOWN_FLAG, reason)
         else:
             self._count(key, reason)
@@ -203,7 +205,7 @@ class Flags:
         )
         # A key the set does not hold is counted under "<unknown>", as a missing flag is.
         counted = key if key in self._set else UNKNOWN_FLAG
-        _log_error(key, code, message)
+        _log_error(key, code, message, known=counted != UNKNOWN_FLAG)
         self._count(counted, Reason.ERROR)
         return evaluation
 

@@ -357,7 +357,7 @@ class Rollout(_Model):
     percentage: float = Field(default=100, ge=0, le=100)
     stickiness: ContextName = "default"
     """``default`` (``userId``, else ``sessionId``, else random), ``random``, or a context field."""
-    group_id: str | None = Field(default=None, max_length=FLAG_KEY_MAX)
+    group_id: str | None = None
     """Hashed with the stickiness value; ``None`` means the flag's key. Two flags with
     one group id bucket every user alike."""
 

@@ -251,8 +251,8 @@ _APP_VERSION_MAX: Final = 64
 """Longest ``appVersion`` accepted: a version, not a document."""
 _APP_VERSION: Final = re.compile(
     # A semantic version (pre-release and build included), or a plain one
-    # ("v2", "2024.12", "1.2.3.4"): what front ends put in their builds.
-    r"[vV]?(?:0|[1-9]\d*)(?:\.(?:0|[1-9]\d*)){0,3}"
+    # ("v2", "2024.12", "2024.01.05", "1.2.3.4"): what front ends put in their builds.
+    r"[vV]?\d+(?:\.\d+){0,3}"
     r"(?:-[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?(?:\+[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?"
 )
 _APP_VERSION_PARAMETER: Final[dict[str, Any]] = {

@@ -39,6 +39,7 @@ runtime), which refreshes this instance at once and tells the others.
 from __future__ import annotations
 
 import builtins
+import contextvars
 import datetime as dt
 import hashlib
 import unicodedata
@@ -104,6 +105,10 @@ OPERATOR_MAX: Final = 128
 """Longest operator name claimed (``X-Operator``, ``--operator``)."""
 _UNPRINTABLE: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 _VIA_IMPORT: Final = {"via": "import"}
+_IMPORT_EVENTS: contextvars.ContextVar[list[AuditEvent] | None] = contextvars.ContextVar(
+    "bastion_flags_import_events", default=None
+)
+"""While an import runs: where the events of the flags and segments it writes gather."""
 """What marks the audit events of the flags and segments an import writes."""
 
 
@@ -760,7 +765,9 @@ class FlagStore:
             list(segment_list), lambda segment: segment.name, "segment"
         )
 
-        async def unit(session: AsyncSession) -> tuple[ImportReport, int]:
+        after_commit: builtins.list[AuditEvent] = []
+
+        async def changes_of_import(session: AsyncSession) -> tuple[ImportReport, int]:
             await self._lock(session)
             if expected_revision is not None:
                 revision_now = int(await session.scalar(_REVISION) or 0)
@@ -812,12 +819,60 @@ class FlagStore:
                 report.revision = await session.scalar(_REVISION) or 0
                 return report, 0
             report.revision = revision
-            details = {**report.counts(), "replace": replace}
-            await self._audit(session, "flag.import", who, None, details)
             return report, revision
 
-        result: ImportReport = await self._write(unit)
+        result: ImportReport = await self._write(
+            lambda session: self._audited_import(
+                session, changes_of_import, who, replace=replace, after_commit=after_commit
+            )
+        )
+        for event in after_commit:
+            # Committed: each waits for room in the buffer (back-pressure), not holding
+            # the flags' lock; a crash before they are written loses them (the async
+            # mode's bound), the flag.import summary and the change rows stay.
+            await self._record(event, None)
         return result
+
+    async def _audited_import(
+        self,
+        session: AsyncSession,
+        apply: Callable[[AsyncSession], Awaitable[tuple[ImportReport, int]]],
+        who: _Who,
+        *,
+        replace: bool,
+        after_commit: builtins.list[AuditEvent],
+    ) -> tuple[ImportReport, int]:
+        """Run an import's writes, then its per-flag events and its ``flag.import`` summary."""
+        after_commit.clear()  # a retried transaction starts over
+        events: builtins.list[AuditEvent] = []
+        gathering = _IMPORT_EVENTS.set(events)
+        try:
+            report, revision = await apply(session)
+        finally:
+            _IMPORT_EVENTS.reset(gathering)
+        if not report.changed:
+            return report, 0
+        if self._stage_in_transaction(len(events)):
+            for event in events:
+                await self._record(event, session)
+        else:
+            after_commit.extend(events)
+        details = {**report.counts(), "replace": replace}
+        await self._audit(session, "flag.import", who, None, details)
+        return report, revision
+
+    def _stage_in_transaction(self, count: int) -> bool:
+        """Whether an import's per-flag events go in its transaction, or right after it.
+
+        In ``async`` mode each event staged on a transaction holds a place in the
+        audit buffer until the commit: an import of thousands of flags would take
+        the buffer from every other request (or never fit, and fail). Beyond a
+        quarter of it, they are recorded once the import has committed.
+        """
+        audit = self.audit
+        if audit is None or audit.settings.mode == "sync":
+            return True
+        return count <= audit.settings.buffer_size // 4
 
     async def apply_due(self, now: dt.datetime) -> builtins.list[str]:
         """Persist the scheduled changes due at ``now``: the keys of the flags changed.
@@ -1195,7 +1250,15 @@ class FlagStore:
             resource=Resource(resource, key) if key is not None else Resource(resource),
             details={**details, **who.details()},
         )
-        await self.audit.record(event, session=session)
+        gathering = _IMPORT_EVENTS.get()
+        if gathering is not None:
+            gathering.append(event)
+            return
+        await self._record(event, session)
+
+    async def _record(self, event: AuditEvent, session: AsyncSession | None) -> None:
+        if self.audit is not None:
+            await self.audit.record(event, session=session)
 
 
 def _due(flag: Flag, now: dt.datetime) -> bool:

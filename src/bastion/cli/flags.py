@@ -383,16 +383,14 @@ def import_file(
         raise fail(str(exc), 1) from None
     fields = import_fields(document)
     claimed = operator_name(operator)
-    parsed: list[tuple[int, int]] = []
 
-    async def run(runtime: Bastion, store: FlagStore) -> ImportReport:
+    async def run(runtime: Bastion, store: FlagStore) -> tuple[ImportReport, int, int]:
         # The app's environment (its settings, code included) picks an export's part;
         # an unreadable document is refused (exit 1) by run_database_command.
         flags, segments = parse_document(
             document, field=str(file), environment=flags_environment(runtime.settings)
         )
-        parsed.append((len(flags), len(segments)))
-        return await store.import_flags(
+        report = await store.import_flags(
             flags,
             segments,
             actor=CLI_ACTOR,
@@ -401,12 +399,13 @@ def import_file(
             expected_revision=if_revision,
             operator=claimed,
         )
+        return report, len(flags), len(segments)
 
-    summary = _report_json(_run_with_store(spec, run))
+    report, flag_count, segment_count = _run_with_store(spec, run)
+    summary = _report_json(report)
     if as_json:
         _print_json(summary)
         return
-    [(flag_count, segment_count)] = parsed
     typer.echo(
         f"imported {flag_count} flag(s) and {segment_count} segment(s) from {file}: "
         + ", ".join(f"{name} {value}" for name, value in summary.items())
